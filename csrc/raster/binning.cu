@@ -20,10 +20,40 @@ constexpr int kThreads = 256;
 
 int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
 
-__global__ void gather_counts_kernel(int n, const int* __restrict__ order, const int* __restrict__ tiles_touched,
-                                     int64_t* __restrict__ counts) {
+// Loads what the tile walk of Gaussian g needs (the same values on every lane that asks).
+struct TileWalk {
+  uint2 rect;
+  float4 centre, conic;
+};
+
+__device__ __forceinline__ TileWalk load_walk(const float4* splats, const uint2* tile_rects, int g) {
+  return {tile_rects[g], splats[kSplatFloat4s * static_cast<int64_t>(g)],
+          splats[kSplatFloat4s * static_cast<int64_t>(g) + 1]};
+}
+
+// counts[i] = number of listed tiles of Gaussian order[i] (0 when culled), also stored per Gaussian in
+// tiles_touched. One warp walks each of its 32 Gaussians' tiles in turn.
+__global__ void count_tiles_kernel(int n, const int* __restrict__ order, const int* __restrict__ radii,
+                                   const float4* __restrict__ splats, const uint2* __restrict__ tile_rects,
+                                   int* __restrict__ tiles_touched, int64_t* __restrict__ counts) {
+  // Every lane of the warp takes part in every walk, so lanes past n stay until the end.
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) counts[i] = tiles_touched[order[i]];
+  const unsigned int lane = threadIdx.x & 31u;
+  const int gaussian = i < n ? order[i] : -1;
+  const bool live = gaussian >= 0 && radii[gaussian] > 0;
+  int count = 0;
+  for (unsigned int pending = __ballot_sync(kFullWarp, live); pending != 0; pending &= pending - 1) {
+    const int src = __ffs(pending) - 1;
+    const int g = __shfl_sync(kFullWarp, gaussian, src);
+    const TileWalk w = load_walk(splats, tile_rects, g);
+    const int listed = warp_walk_listed_tiles(w.rect, w.centre.x, w.centre.y, w.conic.x, w.conic.y, w.conic.z,
+                                              w.conic.w, [](int, int, bool, int) {});
+    if (static_cast<int>(lane) == src) count = listed;
+  }
+  if (i < n) {
+    counts[i] = count;
+    tiles_touched[gaussian] = count;
+  }
 }
 
 __global__ void duplicate_kernel(int n, const int* __restrict__ order, const int64_t* __restrict__ offsets,
@@ -31,24 +61,28 @@ __global__ void duplicate_kernel(int n, const int* __restrict__ order, const int
                                  const uint2* __restrict__ tile_rects, int tiles_x, unsigned int sentinel_tile,
                                  unsigned int* __restrict__ keys, int* __restrict__ values) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const int gaussian = order[i];
-  const int count = tiles_touched[gaussian];
-  if (count == 0) return;
-  const int64_t start = offsets[i] - count;
-  const float4 centre = splats[kSplatFloat4s * static_cast<int64_t>(gaussian)];
-  const float4 conic = splats[kSplatFloat4s * static_cast<int64_t>(gaussian) + 1];
-  int written = 0;
-  for_each_listed_tile(tile_rects[gaussian], centre.x, centre.y, conic.x, conic.y, conic.z, conic.w,
-                       [&](int tx, int ty) {
-                         keys[start + written] = static_cast<unsigned int>(ty * tiles_x + tx);
-                         values[start + written] = gaussian;
-                         return ++written < count;
-                       });
-  // Never reached while the count and the emission agree (tiles.cuh); keeps the buffer defined if not.
-  for (; written < count; ++written) {
-    keys[start + written] = sentinel_tile;
-    values[start + written] = gaussian;
+  const unsigned int lane = threadIdx.x & 31u;
+  const int gaussian = i < n ? order[i] : -1;
+  const int count = gaussian >= 0 ? tiles_touched[gaussian] : 0;
+  const int64_t start = i < n ? offsets[i] - count : 0;
+  for (unsigned int pending = __ballot_sync(kFullWarp, count > 0); pending != 0; pending &= pending - 1) {
+    const int src = __ffs(pending) - 1;
+    const int g = __shfl_sync(kFullWarp, gaussian, src);
+    const int c = __shfl_sync(kFullWarp, count, src);
+    const int64_t s = __shfl_sync(kFullWarp, start, src);
+    const TileWalk w = load_walk(splats, tile_rects, g);
+    const int listed = warp_walk_listed_tiles(w.rect, w.centre.x, w.centre.y, w.conic.x, w.conic.y, w.conic.z,
+                                              w.conic.w, [&](int tx, int ty, bool hit, int rank) {
+                                                if (hit && rank < c) {
+                                                  keys[s + rank] = static_cast<unsigned int>(ty * tiles_x + tx);
+                                                  values[s + rank] = g;
+                                                }
+                                              });
+    // Never reached while the count and the emission agree (tiles.cuh); keeps the buffer defined if not.
+    for (int k = listed + static_cast<int>(lane); k < c; k += 32) {
+      keys[s + k] = sentinel_tile;
+      values[s + k] = g;
+    }
   }
 }
 
@@ -64,9 +98,11 @@ __global__ void tile_ranges_kernel(int num_pairs, const unsigned int* __restrict
 
 }  // namespace
 
-void launch_gather_counts(int n, const int* order, const int* tiles_touched, int64_t* counts, cudaStream_t stream) {
+void launch_count_tiles(int n, const int* order, const int* radii, const float4* splats, const uint2* tile_rects,
+                        int* tiles_touched, int64_t* counts, cudaStream_t stream) {
   if (n == 0) return;
-  gather_counts_kernel<<<blocks_for(n), kThreads, 0, stream>>>(n, order, tiles_touched, counts);
+  count_tiles_kernel<<<blocks_for(n), kThreads, 0, stream>>>(n, order, radii, splats, tile_rects, tiles_touched,
+                                                             counts);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -71,11 +71,15 @@ void launch_preprocess_backward(const GaussianInputs& in, const CameraParams& ca
                                 const float* splat_grads, // [N, kGradsPerSplat]
                                 const InputGrads& grads, cudaStream_t stream);
 
-// counts[i] = tiles_touched[order[i]] as int64, for the scan in depth order.
-void launch_gather_counts(int n, const int* order,     // [N]
-                          const int* tiles_touched,     // [N]
-                          int64_t* counts,              // [N]
-                          cudaStream_t stream);
+// counts[i] = number of tiles listing Gaussian order[i] (0 when culled: radii 0), as int64 for the scan
+// in depth order; the same count is stored per Gaussian in tiles_touched.
+void launch_count_tiles(int n, const int* order,        // [N] Gaussian ids front to back
+                        const int* radii,               // [N]
+                        const float4* splats,           // [N, kSplatFloat4s]
+                        const uint2* tile_rects,        // [N]
+                        int* tiles_touched,             // [N]
+                        int64_t* counts,                // [N]
+                        cudaStream_t stream);
 
 // Writes the (tile, Gaussian) pairs of every Gaussian, Gaussians taken front to back: the tile ids to
 // keys, the Gaussian ids to values, at [offsets[i] − tiles_touched, offsets[i]) for the i-th.

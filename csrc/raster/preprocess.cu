@@ -60,7 +60,6 @@ __global__ void __launch_bounds__(kThreads)
   if (i >= in.num_gaussians) return;
   out.depth_order[i] = i;
   out.radii[i] = 0;
-  out.tiles_touched[i] = 0;
   out.depth_keys[i] = 0xFFFFFFFFu;
 
   unsigned int bad = 0;
@@ -134,19 +133,12 @@ __global__ void __launch_bounds__(kThreads)
     if (threshold < 0.0f || x0 >= x1 || y0 >= y1) x0 = x1 = y0 = y1 = 0;
   }
   const uint2 rect = pack_tile_rect(x0, x1, y0, y1);
-  int touched = 0;
-  for_each_listed_tile(rect, px, py, conic.xx, conic.xy, conic.yy, threshold, [&](int, int) {
-    ++touched;
-    return true;
-  });
-
   float4* splat = out.splats + kSplatFloat4s * static_cast<int64_t>(i);
   splat[0] = make_float4(px, py, opacity, t.z);
   splat[1] = make_float4(conic.xx, conic.xy, conic.yy, threshold);
   splat[2] = make_float4(rgb.x, rgb.y, rgb.z, 0.0f);
   out.tile_rects[i] = rect;
   out.radii[i] = static_cast<int>(radius);
-  out.tiles_touched[i] = touched;
   out.depth_keys[i] = __float_as_uint(t.z);  // z > 0.2: the float bits sort like the values
 }
 

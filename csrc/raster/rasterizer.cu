@@ -193,7 +193,8 @@ std::vector<at::Tensor> rasterize_forward(const at::Tensor& means3d, const at::T
                                   reinterpret_cast<unsigned int*>(sorted_keys.data_ptr<int>()), pre.depth_order,
                                   sorted_order.data_ptr<int>(), n, 32, stream));
     at::Tensor counts = at::empty({n}, i64);
-    launch_gather_counts(n, sorted_order.data_ptr<int>(), pre.tiles_touched, counts.data_ptr<int64_t>(), stream);
+    launch_count_tiles(n, sorted_order.data_ptr<int>(), pre.radii, pre.splats, pre.tile_rects, pre.tiles_touched,
+                       counts.data_ptr<int64_t>(), stream);
     bytes = 0;
     C10_CUDA_CHECK(inclusive_sum_i64(nullptr, bytes, counts.data_ptr<int64_t>(), offsets_ptr, n, stream));
     temp = cub_temp(bytes, f32);

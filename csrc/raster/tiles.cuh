@@ -73,21 +73,38 @@ __device__ __forceinline__ uint2 pack_tile_rect(int x0, int x1, int y0, int y1) 
                     static_cast<unsigned int>(y0) | (static_cast<unsigned int>(y1) << 16));
 }
 
-// Calls visit(tx, ty) for each listed tile of the rectangle, row by row; stops early when visit
-// returns false.
+constexpr unsigned int kFullWarp = 0xFFFFFFFFu;
+
+// Warp-cooperative walk over the listed tiles of one Gaussian: the whole warp calls it with the same
+// arguments; lane j tests tiles j, j + 32, ... of the rectangle (row-major) and, for each round of 32,
+// visit(tx, ty, hit, rank, round_total) is called on every lane, where rank is the number of hits on
+// lower lanes of the round. Returns the number of listed tiles. Large Gaussians cover hundreds of
+// tiles: one thread per Gaussian would leave the other 31 lanes idle for the whole walk.
 template <typename Visit>
-__device__ __forceinline__ void for_each_listed_tile(uint2 rect, float mx, float my, float qa, float qb, float qc,
-                                                     float threshold, Visit visit) {
+__device__ __forceinline__ int warp_walk_listed_tiles(uint2 rect, float mx, float my, float qa, float qb, float qc,
+                                                      float threshold, Visit visit) {
   const int x0 = rect.x & 0xFFFF, x1 = rect.x >> 16;
   const int y0 = rect.y & 0xFFFF, y1 = rect.y >> 16;
+  const int width = x1 - x0;
+  const int total = width * (y1 - y0);
   const bool test = threshold != INFINITY;
-  for (int ty = y0; ty < y1; ++ty) {
-    for (int tx = x0; tx < x1; ++tx) {
-      if (!test || tile_touched(mx, my, qa, qb, qc, threshold, tx, ty)) {
-        if (!visit(tx, ty)) return;
-      }
+  const unsigned int lane = threadIdx.x & 31u;
+  const unsigned int lower_lanes = (1u << lane) - 1u;
+  int listed = 0;
+  for (int base = 0; base < total; base += 32) {
+    const int t = base + static_cast<int>(lane);
+    int tx = 0, ty = 0;
+    bool hit = false;
+    if (t < total) {
+      ty = y0 + t / width;
+      tx = x0 + t % width;
+      hit = !test || tile_touched(mx, my, qa, qb, qc, threshold, tx, ty);
     }
+    const unsigned int hits = __ballot_sync(kFullWarp, hit);
+    visit(tx, ty, hit, listed + __popc(hits & lower_lanes));
+    listed += __popc(hits);
   }
+  return listed;
 }
 
 }  // namespace raster
