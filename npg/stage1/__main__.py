@@ -1,0 +1,5 @@
+import sys
+
+from npg.stage1 import main
+
+sys.exit(main())

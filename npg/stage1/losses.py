@@ -1,0 +1,133 @@
+"""Stage-1 loss terms, each returning an unweighted scalar (the trainer applies the weights).
+
+- ``silhouette_loss``: 2D chamfer between projected points and mask pixels (both directions, squared
+  pixel distances, mean over each side), through ``npg.silhouette_chamfer``.
+- ``positive_depth_loss``: mean(min(z_cam, 0)²).
+- ``rigidity_loss``: local rigidity against the reference frame over its k nearest neighbours.
+- ``flow_consistency_loss``: features splatted at frame f+1, warped back to f with the forward optical
+  flow, against the features splatted at f; masked soft-Huber normalised by mask pixels.
+
+None of them builds a dense N×N or N×M matrix; the tests compare each against a plain dense PyTorch
+formulation at small sizes.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def silhouette_loss(points2d: torch.Tensor, masks, pixel_scale: float = 1.0) -> torch.Tensor:
+    """Mean over frames of (point→mask + mask→point) chamfer, in (pixel_scale·pixel)².
+
+    points2d [B, N, 2] pixel coordinates (x, y); masks [B, H, W] bool, or B masks prepared once by
+    ``npg.chamfer.prepare_mask`` (what the trainer passes). ``pixel_scale`` expresses the distances in
+    the pixels of another resolution (the trainer uses 800/W so that the original NPG weights hold
+    whatever resolution we train at).
+    """
+    from npg.chamfer import silhouette_chamfer
+
+    if points2d.dim() != 3 or points2d.shape[-1] != 2:
+        raise ValueError(f"points2d must be [B, N, 2], got {tuple(points2d.shape)}")
+    if len(masks) != points2d.shape[0] or (isinstance(masks, torch.Tensor) and masks.dim() != 3):
+        shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else f"{len(masks)} masks"
+        raise ValueError(f"masks must be [B, H, W] with B={points2d.shape[0]}, got {shape}")
+    total = points2d.new_zeros(())
+    for frame_points, mask in zip(points2d, masks):
+        point_to_mask, mask_to_point = silhouette_chamfer(frame_points, mask)
+        total = total + point_to_mask + mask_to_point
+    return total * (pixel_scale**2) / points2d.shape[0]
+
+
+def positive_depth_loss(depth: torch.Tensor) -> torch.Tensor:
+    """mean(min(z, 0)²) over all entries of the camera-space depths ``depth`` [...]."""
+    return depth.clamp(max=0.0).square().mean()
+
+
+def reference_neighbors(reference: torch.Tensor, k: int):
+    """k nearest neighbours of each reference point among the others: (dist2 [N, k], idx [N, k] int64).
+
+    Computed without gradient (the neighbourhood is a choice, not a quantity to optimise).
+    """
+    from npg.knn import knn
+
+    if reference.dim() != 2 or reference.shape[1] != 3:
+        raise ValueError(f"reference must be [N, 3], got {tuple(reference.shape)}")
+    if not 1 <= k < reference.shape[0]:
+        raise ValueError(f"rigidity k must be in [1, N-1] = [1, {reference.shape[0] - 1}], got {k}")
+    with torch.no_grad():
+        return knn(reference.detach().float().contiguous(), k)
+
+
+def rigidity_loss(points: torch.Tensor, reference: torch.Tensor, neighbor_idx: torch.Tensor) -> torch.Tensor:
+    """Local rigidity: mean over frames and points of Σⱼ (|x_r,n − x_r,j|² − |x_f,n − x_f,j|²)².
+
+    points [B, N, 3] (frames f), reference [N, 3] (the reference frame r, differentiable too),
+    neighbor_idx [N, k] int64: the k nearest neighbours j of each point n in the reference frame.
+    """
+    if points.dim() != 3 or points.shape[-1] != 3:
+        raise ValueError(f"points must be [B, N, 3], got {tuple(points.shape)}")
+    if reference.shape != points.shape[1:]:
+        raise ValueError(f"reference must be [N, 3] = {tuple(points.shape[1:])}, got {tuple(reference.shape)}")
+    if neighbor_idx.dim() != 2 or neighbor_idx.shape[0] != points.shape[1]:
+        raise ValueError(f"neighbor_idx must be [N, k] with N={points.shape[1]}, got {tuple(neighbor_idx.shape)}")
+    reference_d2 = (reference[:, None, :] - reference[neighbor_idx]).square().sum(-1)  # [N, k]
+    frame_d2 = (points[:, :, None, :] - points[:, neighbor_idx]).square().sum(-1)  # [B, N, k]
+    return (reference_d2[None] - frame_d2).square().sum(-1).mean()
+
+
+def soft_huber(d: torch.Tensor, eps: float) -> torch.Tensor:
+    """ρ(d) = ε(√(1 + d²/ε²) − 1): quadratic below ε, ≈ |d| above."""
+    return eps * (torch.sqrt(1.0 + (d / eps).square()) - 1.0)
+
+
+def warp_back(image_next: torch.Tensor, flow: torch.Tensor):
+    """Warp frame f+1 back onto frame f with the forward flow f→f+1.
+
+    image_next [B, C, H, W]; flow [B, H, W, 2] in pixels (dx, dy): pixel (x, y) of frame f moves to
+    (x + dx, y + dy) in frame f+1. Returns (warped [B, C, H, W] bicubic, valid [B, H, W] bool) where
+    ``valid`` is False for pixels whose flow leaves the image.
+    """
+    batch, _, height, width = image_next.shape
+    if flow.shape != (batch, height, width, 2):
+        raise ValueError(f"flow must be [B, H, W, 2] = {(batch, height, width, 2)}, got {tuple(flow.shape)}")
+    ys, xs = torch.meshgrid(
+        torch.arange(height, device=flow.device, dtype=flow.dtype),
+        torch.arange(width, device=flow.device, dtype=flow.dtype),
+        indexing="ij",
+    )
+    target_x = xs + flow[..., 0]
+    target_y = ys + flow[..., 1]
+    valid = (target_x >= 0) & (target_x <= width - 1) & (target_y >= 0) & (target_y <= height - 1)
+    # align_corners=True: -1 and +1 are the centres of the first and last pixels.
+    grid = torch.stack(
+        [2.0 * target_x / max(width - 1, 1) - 1.0, 2.0 * target_y / max(height - 1, 1) - 1.0], dim=-1
+    )
+    warped = F.grid_sample(image_next, grid.to(image_next.dtype), mode="bicubic", padding_mode="border", align_corners=True)
+    return warped, valid
+
+
+def flow_consistency_loss(
+    rendered: torch.Tensor,
+    rendered_next: torch.Tensor,
+    flow: torch.Tensor,
+    masks: torch.Tensor,
+    eps: float = 0.01,
+) -> torch.Tensor:
+    """Masked soft-Huber between features at f and features at f+1 warped back with the flow.
+
+    rendered, rendered_next [B, C, H, W] (splatted features of frames f and f+1); flow [B, H, W, 2]
+    forward flow f→f+1 in pixels; masks [B, H, W] bool silhouettes of frame f. Per pair:
+    Σ_pixels,channels ρ(diff) over pixels in the mask whose flow stays inside the image, divided by
+    that pixel count (at least 1); mean over pairs.
+    """
+    if rendered.shape != rendered_next.shape or rendered.dim() != 4:
+        raise ValueError(
+            f"rendered and rendered_next must both be [B, C, H, W], got {tuple(rendered.shape)} and {tuple(rendered_next.shape)}"
+        )
+    if masks.shape != (rendered.shape[0], *rendered.shape[2:]):
+        raise ValueError(f"masks must be [B, H, W] = {(rendered.shape[0], *rendered.shape[2:])}, got {tuple(masks.shape)}")
+    warped, valid = warp_back(rendered_next, flow)
+    weight = (masks & valid).to(rendered.dtype)[:, None]  # [B, 1, H, W]
+    penalty = soft_huber((rendered - warped) * weight, eps)
+    per_pair = penalty.flatten(1).sum(1) / weight.flatten(1).sum(1).clamp(min=1.0)
+    return per_pair.mean()
