@@ -48,3 +48,27 @@ def load_checkpoint(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise RuntimeError(f"checkpoint {path} is corrupt or not an npg checkpoint: {err}") from err
+
+
+def write_video(path, frames, fps: int = 30) -> bool:
+    """H.264 MP4 of uint8 [H, W, 3] frames (padded to even sizes, as yuv420p needs), written atomically.
+
+    Videos are previews, never results: without imageio's FFMPEG plugin (``pip install imageio-ffmpeg``)
+    this warns, writes nothing and returns False instead of failing the run that produced them.
+    """
+    import warnings
+
+    import imageio.v2 as imageio
+    import numpy as np
+
+    try:
+        with atomic_path(path) as tmp:
+            with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                                    format="FFMPEG") as writer:
+                for frame in frames:
+                    h, w = frame.shape[:2]
+                    writer.append_data(np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge"))
+    except ImportError as err:
+        warnings.warn(f"video {path} not written: {err}", stacklevel=2)
+        return False
+    return True

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from npg.camera import Camera
-from npg.io import atomic_path, atomic_write_text
+from npg.io import atomic_path, atomic_write_text, write_video
 
 SH_REST_COEFFS = 15  # 3DGS PLY files carry degree-3 SH: 45 f_rest values
 
@@ -147,17 +147,6 @@ def orbit_cameras(cameras: list[Camera], center: torch.Tensor, count: int) -> li
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """[3, H, W] in [0, 1] -> [H, W, 3] uint8."""
     return (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-
-
-def write_video(path, frames: list, fps: int = 30) -> None:
-    """H.264 MP4 of uint8 [H, W, 3] frames (padded to even sizes, as yuv420p needs), written atomically."""
-    import imageio.v2 as imageio
-
-    with atomic_path(path) as tmp:
-        with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1, format="FFMPEG") as writer:
-            for frame in frames:
-                h, w = frame.shape[:2]
-                writer.append_data(np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge"))
 
 
 # ------------------------------------------------------------------------------------------ rendering

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from npg.config import apply_overrides
-from npg.io import atomic_path, atomic_write_text, load_checkpoint
+from npg.io import atomic_path, atomic_write_text, load_checkpoint, write_video
 
 from .model import DeformationModel
 from .splat import spacing_scales, splat_frames
@@ -308,7 +308,6 @@ def _device_name(device: torch.device) -> str:
 def write_preview(path, data, points: torch.Tensor, features: torch.Tensor, fps: int = 10) -> None:
     """MP4 of the projected cloud over the training frames (imageio), mask outline in green."""
     import cv2
-    import imageio.v2 as imageio
 
     from .trainer import project
 
@@ -337,8 +336,7 @@ def write_preview(path, data, points: torch.Tensor, features: torch.Tensor, fps:
                 y = np.clip(xy[inside, 1] + dy, 0, out_h - 1)
                 image[y, x] = colors[order][inside]
         frames.append(image)
-    with atomic_path(path) as tmp:
-        imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=1, format="FFMPEG")
+    write_video(path, frames, fps=fps)
 
 
 __all__ = ["Stage1Export", "export_stage1", "load_stage1", "read_ply_points", "write_ply_points", "evaluate"]
