@@ -87,7 +87,8 @@ def run(scenes: list[str] | None = None, work: Path | None = None, fast: bool = 
         try:
             row = run_scene(name, work, fast, list(overrides or []))
         except Exception as err:  # one scene failing (e.g. no masks) must not lose the others' rows
-            traceback.print_exc()
+            if not isinstance(err, (ValueError, FileNotFoundError)):  # bad input explains itself
+                traceback.print_exc()
             row = {"scene": Path(name).name, "device": device_name(), "error": f"{type(err).__name__}: {err}"}
         print(json.dumps(row), flush=True)
         rows.append(row)

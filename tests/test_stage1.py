@@ -473,6 +473,11 @@ def test_resume_after_interrupted_run_continues_from_checkpoint(tiny_scene, tmp_
     straight = torch.load(tmp_path / "straight" / "stage1" / "checkpoint.pt", weights_only=False)
     for name, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][name], value, rtol=1e-5, atol=1e-7, msg=name)
+    # A finished run can be extended, with another learning rate, from its checkpoint.
+    seen.clear()
+    train_stage1(tiny_scene, tmp_path / "straight", tiny_config(iterations=14, lr=1e-3, preview=False),
+                 callback=lambda it, terms: seen.append(it))
+    assert seen == [13, 14]
     # A changed model config must not silently resume from an incompatible checkpoint.
     with pytest.raises(ValueError, match="different stage-1 config"):
         train_stage1(tiny_scene, tmp_path / "straight", tiny_config(iterations=12, num_basis=9, preview=False))
