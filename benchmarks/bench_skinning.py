@@ -16,9 +16,12 @@ once (float32 s = 4, int64 i = 8 bytes):
     fwd_bwd = forward + backward
 
 It is set against ``measured_copy_gbps()`` (row bench "copy", same convention: read + written); the
-reference's gbps uses the same byte count (effective bandwidth). impl "triton" is ``npg.skin`` as
-called by default (validate=True: one flag read back per forward), "triton, validate=False" skips
-that synchronisation. ``sweep()`` times the bare kernels over block sizes (used to pick defaults).
+reference's gbps uses the same byte count (effective bandwidth); ``copy_fraction`` is gbps over the
+copy's. impl "triton" is ``npg.skin`` as called by default (validate=True: one flag read back per
+forward), "triton, validate=False" skips that synchronisation; "triton kernels, CUDA graph, ..."
+times the bare launches (padding copy + kernels) replayed from a CUDA graph, i.e. the device time
+without Python's launch overhead, once with int64 and once with int32 indices (i = 4 bytes).
+``sweep()`` times the bare kernels over block sizes from CUDA graphs (used to pick defaults).
 
 Run ``python -m benchmarks.bench_skinning [--json PATH] [--sweep PATH]`` on a GPU machine.
 """
@@ -64,7 +67,25 @@ def traffic_bytes(G, P=POINTS, J=NEIGHBOURS, s=4, i=8):
     return forward, forward + backward
 
 
+def graph_median_ms(fn, replays: int = 20) -> float:
+    """Device time of ``fn()`` without host launch overhead: ``replays`` calls captured in one CUDA
+    graph, timed with CUDA events (median of cuda_median_ms over graph launches) / replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(replays):
+            fn()
+    return cuda_median_ms(graph.replay) / replays
+
+
 def run() -> list[dict]:
+    from npg.kernels import skinning as kernels
+
     device = device_name()
     copy_gbps = measured_copy_gbps()
     rows = [{"bench": "copy", "size": "1 GiB", "impl": "torch copy_", "ms": 2 * 2**30 / copy_gbps / 1e6,
@@ -94,7 +115,28 @@ def run() -> list[dict]:
             ms = cuda_median_ms(forward_backward)
             rows.append({"bench": "skinning_fwd_bwd", "size": G, "impl": impl, "ms": ms,
                          "gbps": fwd_bwd_bytes / (ms * 1e-3) / 1e9, "device": device})
-        del points, neighbor_idx, logits, anchors, quats, leaves
+        # The kernels' own device time (padding copy included), without Python launch overhead, for
+        # the int64 indices npg.knn returns and for int32 ones (fewer bytes to move).
+        for index_dtype, i in ((torch.int64, 8), (torch.int32, 4)):
+            idx, anc = neighbor_idx.to(index_dtype), anchors.to(index_dtype)
+            fwd_b, fwd_bwd_b = traffic_bytes(G, i=i)
+
+            def kernel_forward():
+                return kernels.skin_forward(kernels.pad_points(points), idx, logits, anc, quats, SIN_EPS2, AREA_EPS2)
+
+            def kernel_forward_backward():
+                padded = kernels.pad_points(points)
+                kernels.skin_forward(padded, idx, logits, anc, quats, SIN_EPS2, AREA_EPS2)
+                kernels.skin_backward(padded, idx, logits, anc, quats, grad_means, grad_rotations, SIN_EPS2,
+                                      AREA_EPS2, True, True, True)
+
+            name = f"triton kernels, CUDA graph, {str(index_dtype).replace('torch.', '')} indices"
+            ms = graph_median_ms(kernel_forward)
+            rows.append({"bench": "skinning_fwd", "size": G, "impl": name, "ms": ms,
+                         "gbps": fwd_b / (ms * 1e-3) / 1e9, "device": device})
+            ms = graph_median_ms(kernel_forward_backward)
+            rows.append({"bench": "skinning_fwd_bwd", "size": G, "impl": name, "ms": ms,
+                         "gbps": fwd_bwd_b / (ms * 1e-3) / 1e9, "device": device})
         torch.cuda.empty_cache()
     return rows
 
@@ -106,17 +148,18 @@ def sweep() -> list[dict]:
     device = device_name()
     rows = []
     for G in SIZES[1:]:
-        problem = make_problem(G)
+        points, *rest = make_problem(G)
+        problem = (kernels.pad_points(points), *rest)
         fwd_bytes, fwd_bwd_bytes = traffic_bytes(G)
         bwd_bytes = fwd_bwd_bytes - fwd_bytes
         grad_means = torch.randn(G, 3, device="cuda")
         grad_rotations = torch.randn(G, 4, device="cuda")
-        for block_g, num_warps in [(32, 2), (64, 4), (128, 4), (128, 8)]:
+        for block_g, num_warps in [(16, 1), (32, 1), (32, 2), (32, 4), (64, 2), (64, 4), (128, 4), (128, 8)]:
             config = dict(block_g=block_g, num_warps=num_warps)
-            ms = cuda_median_ms(lambda: kernels.skin_forward(*problem, SIN_EPS2, AREA_EPS2, **config))
+            ms = graph_median_ms(lambda: kernels.skin_forward(*problem, SIN_EPS2, AREA_EPS2, **config))
             rows.append({"bench": "skinning_fwd_kernel", "size": G, "impl": f"BLOCK_G={block_g} warps={num_warps}",
                          "ms": ms, "gbps": fwd_bytes / (ms * 1e-3) / 1e9, "device": device})
-            ms = cuda_median_ms(lambda: kernels.skin_backward(*problem, grad_means, grad_rotations, SIN_EPS2,
+            ms = graph_median_ms(lambda: kernels.skin_backward(*problem, grad_means, grad_rotations, SIN_EPS2,
                                                               AREA_EPS2, True, True, True, **config))
             rows.append({"bench": "skinning_bwd_kernel", "size": G, "impl": f"BLOCK_G={block_g} warps={num_warps}",
                          "ms": ms, "gbps": bwd_bytes / (ms * 1e-3) / 1e9, "device": device})

@@ -61,7 +61,7 @@ def run_scene(name: str, work: Path, preset: str, overrides: list[str]) -> dict:
     from npg.train import main as train_main
 
     split = EVAL_SPLIT.get(name, "test")
-    row = {"scene": name, "split": split, "preset": preset}
+    row = {"scene": name, "split": split, "preset": preset, "overrides": list(overrides)}
     scene = scene_folder(name, work)
     out = work / "runs" / name
     settings = [
@@ -93,6 +93,9 @@ def run_scene(name: str, work: Path, preset: str, overrides: list[str]) -> dict:
         fps_eval=round(metrics["fps"], 1),
         device=metrics["device"],
         eval_curve=_eval_curve(out / "stage2" / "log.csv"),
+        train_psnr=stage2.get("train_psnr"),
+        stage1_iou_val=stage1.get("iou_val"),
+        stage1_chamfer_px_val=stage1.get("chamfer_px_val"),
     )
     return row
 
@@ -104,8 +107,9 @@ def _eval_curve(log_path: Path) -> list:
         return [[int(r["step"]), float(r["eval_psnr"])] for r in csv.DictReader(handle) if r.get("eval_psnr")]
 
 
-def run(scenes: list[str] | None = None, work: str | os.PathLike | None = None, preset: str = "default", overrides=()) -> list[dict]:
-    """Train and evaluate each scene; returns one row per scene (and writes RESULTS)."""
+def run(scenes: list[str] | None = None, work: str | os.PathLike | None = None, preset: str = "default", overrides=(),
+        out: str | os.PathLike = RESULTS) -> list[dict]:
+    """Train and evaluate each scene; returns one row per scene (and writes them to ``out``)."""
     work = Path(work or os.environ.get("NPG_BENCH_WORK", REPO / "benchmarks" / "work"))
     rows = []
     for name in scenes or available_scenes():
@@ -116,7 +120,7 @@ def run(scenes: list[str] | None = None, work: str | os.PathLike | None = None, 
             row = {"scene": name, "split": EVAL_SPLIT.get(name, "test"), "preset": preset, "device": device_name(),
                    "error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
         rows.append(row)
-        write_json(rows, str(RESULTS))
+        write_json(rows, str(out))
     return rows
 
 
@@ -126,10 +130,11 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="default", choices=["default", "fast", "cpu"])
     parser.add_argument("--work", default=None, help="folder for generated scenes and runs (default benchmarks/work)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default=str(RESULTS), help=f"rows go here (default {RESULTS.relative_to(REPO)})")
     args = parser.parse_args(argv)
-    rows = run(args.scenes.split(",") if args.scenes else None, args.work, args.preset, args.overrides)
+    rows = run(args.scenes.split(",") if args.scenes else None, args.work, args.preset, args.overrides, args.out)
     print(format_table(rows, COLUMNS + ["error"]))
-    print(f"written {RESULTS}")
+    print(f"written {args.out}")
     return 0
 
 

@@ -4,7 +4,9 @@ One program handles BLOCK_G Gaussians. Per Gaussian it gathers its J neighbour p
 softmax(logits), builds the orthonormal frame of its anchor triangle, turns the frame into an
 (unnormalised) quaternion and composes it with the local quaternion. The backward recomputes all of
 that from the saved inputs (nothing but the inputs is kept between the passes) and scatters the
-points gradient with atomics. Forward math lives in small device functions with their hand-written
+points gradient with atomics. Points are read from a [P, 4] copy padded to 16 bytes per point: the
+gathers (20 neighbours and 3 anchor corners per Gaussian) are the kernel's bottleneck, and one
+16-byte load per point issues a third of the L1 requests of three 4-byte loads. Forward math lives in small device functions with their hand-written
 VJPs next to them. Kernels compute in the dtype of the inputs (float32, or float64 for tests).
 
 Invalid input never leads to an out-of-bounds access: out-of-range indices are masked, and every
@@ -15,9 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-# best overall of the block sizes timed on an H100 at G = 100k and 1M (benchmarks/bench_skinning.py --sweep)
+# Block shape from the H100 sweep (benchmarks/bench_skinning.py --sweep, kernels replayed from CUDA
+# graphs): 32 Gaussians and one warp per program was fastest at both G = 100k and 1M (forward 0.022 and
+# 0.191 ms, against 0.025 and 0.215 ms with two warps).
 DEFAULT_BLOCK_G = 32
-DEFAULT_NUM_WARPS = 2
+DEFAULT_NUM_WARPS = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,9 +203,18 @@ def _normalize4_vjp(uw, ux, uy, uz, inv_norm, gw, gx, gy, gz):
 
 
 @triton.jit
+def _xyz(v):
+    """x, y, z of a [..., 4] tensor of padded points (one 16-byte load per point, split in registers)."""
+    xz, yw = tl.split(tl.reshape(v, v.shape[:-1] + [2, 2]))
+    x, z = tl.split(xz)
+    y, w = tl.split(yw)
+    return x, y, z
+
+
+@triton.jit
 def _load_neighbours(points_ptr, idx_ptr, logits_ptr, g, live, P, J: tl.constexpr, BLOCK_J: tl.constexpr):
     """Softmax weights [BLOCK_G, BLOCK_J] (0 in padding), neighbour coordinates, their indices, the
-    pair mask and a per-Gaussian 'some index is out of range' mask."""
+    pair mask and a per-Gaussian 'some index is out of range' mask. points_ptr is [P, 4] (padded)."""
     j = tl.arange(0, BLOCK_J)
     pair = live[:, None] & (j < J)[None, :]
     offs = g[:, None] * J + j[None, :]
@@ -213,9 +226,9 @@ def _load_neighbours(points_ptr, idx_ptr, logits_ptr, g, live, P, J: tl.constexp
     logit = tl.where((j < J)[None, :], logit, float("-inf"))
     shifted = tl.exp(logit - tl.max(logit, axis=1)[:, None])
     weights = shifted / tl.sum(shifted, axis=1)[:, None]
-    px = tl.load(points_ptr + idx * 3 + 0, mask=use, other=0.0)
-    py = tl.load(points_ptr + idx * 3 + 1, mask=use, other=0.0)
-    pz = tl.load(points_ptr + idx * 3 + 2, mask=use, other=0.0)
+    c = tl.arange(0, 4)
+    p = tl.load(points_ptr + idx[:, :, None] * 4 + c[None, None, :], mask=use[:, :, None], other=0.0)
+    px, py, pz = _xyz(p)
     return weights, px, py, pz, idx, pair, bad_idx
 
 
@@ -224,9 +237,8 @@ def _load_anchor(points_ptr, anchors_ptr, g, live, P, corner: tl.constexpr):
     index = tl.load(anchors_ptr + g * 3 + corner, mask=live, other=0)
     ok = (index >= 0) & (index < P)
     use = live & ok
-    x = tl.load(points_ptr + index * 3 + 0, mask=use, other=0.0)
-    y = tl.load(points_ptr + index * 3 + 1, mask=use, other=0.0)
-    z = tl.load(points_ptr + index * 3 + 2, mask=use, other=0.0)
+    c = tl.arange(0, 4)
+    x, y, z = _xyz(tl.load(points_ptr + index[:, None] * 4 + c[None, :], mask=use[:, None], other=0.0))
     return x, y, z, index, live & ~ok
 
 
@@ -248,7 +260,7 @@ def _load_frame(points_ptr, anchors_ptr, g, live, P, sin_eps2, area_eps2):
 
 @triton.jit
 def skin_forward_kernel(
-    points_ptr,      # [P, 3]
+    points_ptr,      # [P, 4] (x, y, z, padding)
     idx_ptr,         # [G, J] int32/int64
     logits_ptr,      # [G, J]
     anchors_ptr,     # [G, 3] int32/int64
@@ -300,7 +312,7 @@ def skin_forward_kernel(
 
 @triton.jit
 def skin_backward_kernel(
-    points_ptr,        # [P, 3]
+    points_ptr,        # [P, 4] (x, y, z, padding)
     idx_ptr,           # [G, J]
     logits_ptr,        # [G, J]
     anchors_ptr,       # [G, 3]
@@ -386,9 +398,15 @@ def _grid(G, block_g):
     return (max(1, triton.cdiv(G, block_g)),)
 
 
+def pad_points(points):
+    """[P, 3] -> [P, 4] contiguous (zero padding), the layout both kernels gather from."""
+    return torch.nn.functional.pad(points, (0, 1))
+
+
 def skin_forward(points, neighbor_idx, logits, anchors, quats, sin_eps2, area_eps2,
                  block_g=DEFAULT_BLOCK_G, num_warps=DEFAULT_NUM_WARPS):
-    """Launch the forward kernel. Returns (means [G,3], rotations [G,4], flag [1] int32)."""
+    """Launch the forward kernel on padded points [P, 4] (``pad_points``).
+    Returns (means [G,3], rotations [G,4], flag [1] int32)."""
     G, J = neighbor_idx.shape
     means = torch.empty((G, 3), dtype=points.dtype, device=points.device)
     rotations = torch.empty((G, 4), dtype=points.dtype, device=points.device)
@@ -397,15 +415,17 @@ def skin_forward(points, neighbor_idx, logits, anchors, quats, sin_eps2, area_ep
         skin_forward_kernel[_grid(G, block_g)](
             points, neighbor_idx, logits, anchors, quats, means, rotations, flag,
             G, points.shape[0], sin_eps2, area_eps2,
-            J=J, BLOCK_J=max(2, triton.next_power_of_2(J)), BLOCK_G=block_g, num_warps=num_warps)
+            J=J, BLOCK_J=max(2, triton.next_power_of_2(J)), BLOCK_G=block_g,
+            num_warps=num_warps)
     return means, rotations, flag
 
 
 def skin_backward(points, neighbor_idx, logits, anchors, quats, grad_means, grad_rotations, sin_eps2, area_eps2,
                   need_points, need_logits, need_quats, block_g=DEFAULT_BLOCK_G, num_warps=DEFAULT_NUM_WARPS):
-    """Launch the backward kernel. Returns (grad_points, grad_logits, grad_quats); None where not needed."""
+    """Launch the backward kernel on padded points [P, 4]. Returns (grad_points [P, 3], grad_logits,
+    grad_quats); None where not needed."""
     G, J = neighbor_idx.shape
-    grad_points = torch.zeros_like(points) if need_points else None
+    grad_points = torch.zeros((points.shape[0], 3), dtype=points.dtype, device=points.device) if need_points else None
     grad_logits = torch.empty_like(logits) if need_logits else None
     grad_quats = torch.empty_like(quats) if need_quats else None
     if G > 0 and (need_points or need_logits or need_quats):
@@ -415,5 +435,6 @@ def skin_backward(points, neighbor_idx, logits, anchors, quats, grad_means, grad
             grad_quats if need_quats else quats,
             G, points.shape[0], sin_eps2, area_eps2,
             J=J, BLOCK_J=max(2, triton.next_power_of_2(J)), BLOCK_G=block_g,
-            NEED_POINTS=need_points, NEED_LOGITS=need_logits, NEED_QUATS=need_quats, num_warps=num_warps)
+            NEED_POINTS=need_points, NEED_LOGITS=need_logits, NEED_QUATS=need_quats,
+            num_warps=num_warps)
     return grad_points, grad_logits, grad_quats

@@ -148,11 +148,12 @@ class _SkinTriton(torch.autograd.Function):
     def forward(ctx, points, neighbor_idx, logits, anchors, quats, validate):
         from npg.kernels import skinning as kernels
 
-        means, rotations, flag = kernels.skin_forward(points, neighbor_idx, logits, anchors, quats,
+        padded = kernels.pad_points(points)
+        means, rotations, flag = kernels.skin_forward(padded, neighbor_idx, logits, anchors, quats,
                                                       SIN_EPS2, AREA_EPS2)
         if validate and bool(flag.item()):
             _raise_bad_values(points, neighbor_idx, logits, anchors, quats)
-        ctx.save_for_backward(points, neighbor_idx, logits, anchors, quats)
+        ctx.save_for_backward(padded, neighbor_idx, logits, anchors, quats)
         return means, rotations
 
     @staticmethod

@@ -57,14 +57,10 @@ def ssim(img1, img2, padding: str = "same", window_size: int = 11, sigma: float 
     if not img1.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("ssim: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
                          "first imported to run the kernels on the CPU")
-    H, W = img1.shape[-2:]
-    x = img1.contiguous().reshape(-1, H, W)
-    y = img2.contiguous().reshape(-1, H, W)
-    window, consts = _kernel_constants(window_size, float(sigma), x.dtype, x.device)
+    window, consts = _kernel_constants(window_size, float(sigma), img1.dtype, img1.device)
     offset = window_size // 2 if padding == "same" else 0
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
-    # the kernel leaves per-program shares of the mean; one sum finishes it (and its backward is free)
-    value = _SSIMTriton.apply(x, y, window, consts, offset, needs_grad).sum()
+    needs_grad = torch.is_grad_enabled() and (img1.requires_grad or img2.requires_grad)
+    value = _SSIMTriton.apply(img1, img2, window, consts, offset, needs_grad)
     if validate and not math.isfinite(value.item()):
         _raise_bad_values(img1, img2)
     return value
@@ -112,29 +108,36 @@ def _kernel_constants(window_size, sigma, dtype, device):
 
 
 class _SSIMTriton(torch.autograd.Function):
+    """One autograd node for the whole op: reshaping and the final sum happen inside it, because every
+    extra node costs host time that, at training image sizes, exceeds the kernels' device time."""
+
     @staticmethod
-    def forward(ctx, x, y, window, consts, offset, needs_grad):
+    def forward(ctx, img1, img2, window, consts, offset, needs_grad):
         from npg.kernels import ssim as kernels
 
-        _, H, W = x.shape
+        H, W = img1.shape[-2:]
+        x = img1.reshape(-1, H, W).contiguous()
+        y = img2.reshape(-1, H, W).contiguous()
         ws = window.numel()
         out_h, out_w = (H, W) if offset == ws // 2 else (H - ws + 1, W - ws + 1)
+        # the kernel leaves per-program shares of the mean; one sum finishes it
         partial, coef = kernels.ssim_forward(x, y, window, consts, offset, out_h, out_w, needs_grad)
         if needs_grad:
             ctx.save_for_backward(x, y, window, coef)
         ctx.offset = offset
-        return partial
+        ctx.shape = img1.shape
+        return partial.sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_partial):
+    def backward(ctx, grad_value):
         from npg.kernels import ssim as kernels
 
         x, y, window, coef = ctx.saved_tensors
         need_x, need_y = ctx.needs_input_grad[:2]
-        # every share has the gradient of the mean (grad_partial is that scalar, expanded)
-        grad_x, grad_y = kernels.ssim_backward(x, y, window, coef, grad_partial, ctx.offset, need_x, need_y)
-        return grad_x, grad_y, None, None, None, None
+        grad_x, grad_y = kernels.ssim_backward(x, y, window, coef, grad_value, ctx.offset, need_x, need_y)
+        return (None if grad_x is None else grad_x.view(ctx.shape), None if grad_y is None else grad_y.view(ctx.shape),
+                None, None, None, None)
 
 
 def _check_inputs(img1, img2, padding, window_size, sigma):
