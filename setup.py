@@ -67,6 +67,7 @@ setup(
         "opencv-python-headless",
         "tqdm",
         "pygltflib",
+        "filelock",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "triton>=3.6"],

@@ -156,6 +156,26 @@ def test_prepare_scene_caches_and_reruns_on_change(tmp_path):
     assert not prepare_scene(root, downsample=2, progress=False, video=False).skipped
 
 
+def test_concurrent_runs_share_one_preparation(tmp_path):
+    """Three processes preparing one scene at once (as parallel training runs do) all succeed: one
+    builds the cache, the others wait and reuse it instead of deleting it under its feet."""
+    import os
+    import subprocess
+    import sys
+
+    root = write_moving_square(tmp_path / "scene", count=8)
+    code = ("import sys; from npg.data import prepare_scene; "
+            "r = prepare_scene(sys.argv[1], progress=False, video=False); print('skipped' if r.skipped else 'built')")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env) for _ in range(3)]
+    results = [run.communicate(timeout=120) for run in runs]
+    for run, (out, err) in zip(runs, results):
+        assert run.returncode == 0, err
+    assert sorted(out.strip() for out, _ in results) == ["built", "skipped", "skipped"]
+    assert load_flows(root).shape == (7, H, W, 2)
+
+
 def test_cache_goes_into_a_writable_scene_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("NPG_CACHE_DIR")
     root = write_moving_square(tmp_path / "scene", count=2)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from npg.data.flow import FLOW_METHODS, FLOW_SETTINGS_VERSION, compute_flow, flow_to_color, read_flow_file, resize_flow
 from npg.data.scene import (
@@ -147,8 +148,6 @@ def prepare_scene(
     format: str = "auto",
 ) -> PreparedScene:
     """Compute (or reuse) masks, forward flows and the flow video of one split; see the module docstring."""
-    from tqdm import tqdm
-
     if method not in FLOW_METHODS:
         raise ValueError(f"unknown flow method {method!r}; use one of {', '.join(FLOW_METHODS)}")
     spec = read_spec(path, split, masks, format).sorted_by_time()
@@ -168,6 +167,18 @@ def prepare_scene(
     }
     inputs = {str(f): file_digest(f) for f in spec.input_files() + list(external or [])}
     frames = [str(f) for f in spec.image_files]
+    # Runs on one scene at once (e.g. benchmarks training several configurations in parallel) would
+    # delete each other's half-written outputs: the check and the build happen under a file lock.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out_dir) + ".lock"):
+        return _prepare_locked(spec, out_dir, params, inputs, frames, external, path, split, downsample, masks,
+                               format, method, video, progress, force)
+
+
+def _prepare_locked(spec, out_dir, params, inputs, frames, external, path, split, downsample, masks, format,
+                    method, video, progress, force) -> PreparedScene:
+    from tqdm import tqdm
+
     manifest_path = out_dir / "manifest.json"
     old = _read_manifest(manifest_path)
     if (
