@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.common import cuda_median_ms, device_name, format_table, write_json  # noqa: E402
 from npg.chamfer import prepare_mask, silhouette_chamfer, silhouette_chamfer_torch  # noqa: E402
-from npg.knn import knn, knn_torch, mean_dist2_knn3  # noqa: E402
+from npg.neighbors import knn, knn_torch, mean_dist2_knn3  # noqa: E402
 
 # simple_knn distCUDA2 on an H100 (../shared/refdata/README.md, "Reference timings").
 DISTCUDA2_README_MS = {"garden 138766 k=3": 17.7, "uniform 1M k=3": 28.5}

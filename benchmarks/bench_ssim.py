@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.common import cuda_median_ms, device_name, format_table, write_json  # noqa: E402
-from npg.ssim import C1, C2, gaussian_window, ssim, ssim_torch  # noqa: E402
+from npg.similarity import C1, C2, gaussian_window, ssim, ssim_torch  # noqa: E402
 
 SIZES = [400, 800]
 

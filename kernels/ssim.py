@@ -1,4 +1,4 @@
-"""Triton kernels of the fused SSIM (public op: ``npg.ssim.ssim``).
+"""Triton kernels of the fused SSIM (public op: ``npg.ssim``, defined in ``npg.similarity``).
 
 Both passes are one kernel each: a separable Gaussian filter whose horizontal pass reads shifted rows
 (L1-resident) and whose vertical pass runs in registers as a ring of partial sums, so no filtered

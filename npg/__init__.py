@@ -12,11 +12,11 @@ _LAZY = {
     "Camera": "npg.camera",
     "rasterize": "npg.raster",
     "RasterOutput": "npg.raster",
-    "knn": "npg.knn",
-    "mean_dist2_knn3": "npg.knn",
+    "knn": "npg.neighbors",
+    "mean_dist2_knn3": "npg.neighbors",
     "silhouette_chamfer": "npg.chamfer",
     "skin": "npg.skinning",
-    "ssim": "npg.ssim",
+    "ssim": "npg.similarity",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

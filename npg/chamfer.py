@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from npg.knn import knn
+from npg.neighbors import knn
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def psnr(image: torch.Tensor, target: torch.Tensor) -> float:
 
 def ssim_eval(image: torch.Tensor, target: torch.Tensor) -> float:
     """SSIM with the 11×11 Gaussian window (σ 1.5), "valid" filtering, mean over channels and pixels."""
-    from npg.ssim import ssim
+    from npg.similarity import ssim
 
     _check_pair(image, target)
     with torch.no_grad():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from npg.knn import knn, knn_torch, mean_dist2_knn3
+from npg.neighbors import knn, knn_torch, mean_dist2_knn3
 
 CUDA = torch.cuda.is_available()
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.signal import correlate2d
 
-from npg.ssim import C1, C2, gaussian_window, ssim, ssim_torch
+from npg.similarity import C1, C2, gaussian_window, ssim, ssim_torch
 
 
 def scipy_ssim(img1, img2, padding, window_size=11, sigma=1.5):

@@ -224,7 +224,7 @@ def test_initial_gaussians_sit_on_their_points():
     assert torch.equal(model.anchors, model.neighbor_idx[:, :3])
     assert int(model.neighbor_idx[300:].min()) >= 300 and int(model.neighbor_idx[:300].max()) < 300
     assert torch.allclose(model.opacities, torch.full((327, 1), 0.1))
-    from npg.knn import mean_dist2_knn3
+    from npg.neighbors import mean_dist2_knn3
 
     spacing = mean_dist2_knn3(points).sqrt()
     means, rotations = model.skin(points)

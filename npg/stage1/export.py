@@ -202,7 +202,7 @@ def evaluate(trainer) -> dict:
         "num_basis": config.num_basis,
         "iou_splat_scale": config.iou_splat_scale,
     }
-    from npg.knn import knn
+    from npg.neighbors import knn
 
     with torch.no_grad():
         reference = model(data.times[config.reference_frame : config.reference_frame + 1])[0]
@@ -260,7 +260,7 @@ def surface_metrics(trainer, samples_per_frame: int = 20000) -> dict:
     The true surface is sampled with ``samples_per_frame`` points, area-weighted over the triangles
     (the same triangles and barycentric coordinates in every frame, so the samples move with it).
     """
-    from npg.knn import knn
+    from npg.neighbors import knn
 
     try:
         from npg.data.generate import load_ground_truth

@@ -48,7 +48,7 @@ def reference_neighbors(reference: torch.Tensor, k: int):
 
     Computed without gradient (the neighbourhood is a choice, not a quantity to optimise).
     """
-    from npg.knn import knn
+    from npg.neighbors import knn
 
     if reference.dim() != 2 or reference.shape[1] != 3:
         raise ValueError(f"reference must be [N, 3], got {tuple(reference.shape)}")

@@ -57,7 +57,7 @@ def cage_points(box, resolution: int) -> torch.Tensor:
 
 def _neighbours_including_self(points: torch.Tensor, k: int):
     """For each point: (dist2 [N, k], idx [N, k]) of itself and its k−1 nearest other points, ascending."""
-    from npg.knn import knn
+    from npg.neighbors import knn
 
     n = points.shape[0]
     if n < k:
@@ -124,7 +124,7 @@ class NPGGaussians(nn.Module):
 
         ``colors`` [N, 3] / ``static_colors`` [S, 3] in [0, 1] set the initial DC colour (grey if None).
         """
-        from npg.knn import mean_dist2_knn3
+        from npg.neighbors import mean_dist2_knn3
 
         points0 = torch.as_tensor(points0, dtype=torch.float32)
         if points0.ndim != 2 or points0.shape[1] != 3:

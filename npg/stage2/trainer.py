@@ -340,7 +340,7 @@ def train_stage2(scene_dir, out_dir, config: Stage2Config | None = None, stage1_
     exists and ``config.resume``. ``on_step(step)`` is called after every completed step (tests).
     """
     from npg.data import load_scene
-    from npg.ssim import ssim
+    from npg.similarity import ssim
 
     config = (config or Stage2Config()).validate()
     out_dir = Path(out_dir)
