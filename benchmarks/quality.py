@@ -95,6 +95,7 @@ def run_scene(name: str, work: Path, preset: str, overrides: list[str]) -> dict:
         eval_curve=_eval_curve(out / "stage2" / "log.csv"),
         train_psnr=stage2.get("train_psnr"),
         stage1_iou_val=stage1.get("iou_val"),
+        stage1_iou_val_truth=stage1.get("iou_val_truth"),
         stage1_chamfer_px_val=stage1.get("chamfer_px_val"),
     )
     return row

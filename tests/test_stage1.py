@@ -547,3 +547,42 @@ def test_missing_scene_and_bad_config(tmp_path, tiny_scene):
         Stage1Trainer(tiny_scene, tmp_path / "out", tiny_config(window=1))
     with pytest.raises(FileNotFoundError, match="stage-1 folder"):
         load_stage1(tmp_path / "nothing_here")
+
+
+def _sphere_cloud(count: int, center=(0.0, 0.0, 0.0)) -> torch.Tensor:
+    """Fibonacci points on the unit sphere: an even sampling of the surface."""
+    i = torch.arange(count, dtype=torch.float64) + 0.5
+    z = 1 - 2 * i / count
+    theta = math.pi * (1 + 5**0.5) * i
+    r = (1 - z * z).sqrt()
+    return (torch.stack([r * theta.cos(), r * theta.sin(), z], -1) + torch.tensor(center)).float()
+
+
+def test_cloud_iou_is_calibrated_on_a_true_surface():
+    """A cloud sampled on the true surface scores above 0.9 (its splats' gaps are closed, its outline
+    is kept); the same cloud shifted by a quarter of its radius scores clearly lower."""
+    from types import SimpleNamespace
+
+    from npg.camera import Camera
+    from npg.neighbors import knn
+    from npg.stage1.export import cloud_iou
+    from npg.stage1.splat import spacing_scales
+    from npg.stage1.trainer import project
+
+    size = 96
+    w2c = torch.eye(4)
+    w2c[2, 3] = 4.0  # the camera looks down +z at the unit sphere from distance 4
+    camera = Camera.from_fov(w2c, 0.3, 0.3, size, size)
+    v, u = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    radius_px = camera.fx / 15**0.5  # tan(asin(1/4)) = 1/sqrt(15)
+    mask = ((u - camera.cx) ** 2 + (v - camera.cy) ** 2 <= radius_px**2)[None]
+    config = SimpleNamespace(iou_threshold=0.5)
+    intrinsics = torch.tensor([[camera.fx, camera.fy, camera.cx, camera.cy]])
+    scores = []
+    for center in ((0.0, 0.0, 0.0), (0.25, 0.0, 0.0)):
+        points = _sphere_cloud(1500, center)[None]
+        dist2, _ = knn(points[0].contiguous(), 3)
+        pixels, _ = project(points, w2c[None], intrinsics)
+        scores += cloud_iou(points, pixels, [camera], spacing_scales(dist2, 0.25), mask, config)
+    assert scores[0] > 0.9, scores
+    assert scores[1] < 0.8, scores

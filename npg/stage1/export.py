@@ -178,7 +178,9 @@ def evaluate(trainer) -> dict:
     - ``iou_val`` (and ``iou_train``): silhouette IoU between the masks of held-out frames (val split;
       test when there is no val split) and the splatted cloud: every point drawn as an isotropic
       Gaussian of radius ``iou_splat_scale`` × its RMS distance to its 3 nearest neighbours in the
-      reference frame, opacity 0.99, alpha > ``iou_threshold``; mean over frames.
+      reference frame, opacity 0.99, alpha > ``iou_threshold``, closed by the projected point spacing
+      (``cloud_iou``); mean over frames. ``iou_val_truth`` (generated scenes): the same metric for
+      points sampled on the true surface, the ceiling for a cloud of that size.
     - ``chamfer_px_train`` / ``chamfer_px_val``: 2D chamfer between projected points and mask pixels as
       an RMS distance in pixels of the training resolution: mean over frames of
       (√point→mask + √mask→point)/2.
@@ -222,6 +224,9 @@ def evaluate(trainer) -> dict:
     if held_out is not None:
         metrics["held_out_split"] = held_out.split
         metrics.update({f"{k}_val": v for k, v in silhouette_metrics(model, held_out, scales, config).items()})
+        ceiling = truth_iou(trainer, held_out, config)
+        if ceiling is not None:
+            metrics["iou_val_truth"] = ceiling
     metrics.update(surface_metrics(trainer))
     metrics["final_losses"] = trainer.evaluate_losses()
     return metrics
@@ -238,19 +243,41 @@ def silhouette_metrics(model, data, scales, config, chunk: int = 8) -> dict:
     for start in range(0, len(data), chunk):
         frames = torch.arange(start, min(start + chunk, len(data)), device=data.times.device)
         points = model(data.times[frames])
-        cameras = [data.cameras[i] for i in frames.tolist()]
-        colors = torch.ones_like(model.features)
-        _, alpha = splat_frames(points, colors, cameras, scales, opacity=0.99)
-        covered = alpha[:, 0] > config.iou_threshold
-        masks = data.masks[frames]
-        intersection = (covered & masks).flatten(1).sum(1).float()
-        union = (covered | masks).flatten(1).sum(1).float().clamp(min=1.0)
-        ious += (intersection / union).tolist()
         pixels, _ = project(points, data.w2c[frames], data.intrinsics[frames])
+        ious += cloud_iou(points, pixels, [data.cameras[i] for i in frames.tolist()], scales, data.masks[frames], config)
         for frame_pixels, index in zip(pixels, frames.tolist()):
             point_to_mask, mask_to_point = silhouette_chamfer(frame_pixels, data.mask_pixels[index])
             chamfers.append(0.5 * (math.sqrt(float(point_to_mask)) + math.sqrt(float(mask_to_point))))
     return {"iou": float(np.mean(ious)), "chamfer_px": float(np.mean(chamfers))}
+
+
+def cloud_iou(points, pixels, cameras, scales, masks, config) -> list[float]:
+    """Per-frame IoU of a cloud's silhouette with the masks.
+
+    points [B, N, 3], their projections pixels [B, N, 2], one camera per frame, world splat radii
+    scales [N], masks [B, H, W] bool. The silhouette: every point splatted as a small isotropic
+    Gaussian (alpha > ``config.iou_threshold``), then a morphological closing whose radius is the
+    median distance in pixels between a projected point and its nearest projected neighbours. A cloud
+    samples a surface, so its splats leave gaps that grow with the pixel spacing of the points, and
+    splats large enough to close them overshoot the outline: the closing fills the gaps without moving
+    the outline. Calibration on generated_arc (points sampled on the true surface, val frames): 0.92
+    with 2000 points at 200 px and 0.95 with 5000 at 400 px, against 0.78 and 0.74 without it.
+    """
+    import cv2
+
+    from npg.neighbors import knn
+
+    _, alpha = splat_frames(points, torch.ones(points.shape[1], 3, device=points.device), cameras, scales, opacity=0.99)
+    covered = (alpha[:, 0] > config.iou_threshold).cpu().numpy().astype(np.uint8)
+    ious = []
+    for frame, frame_pixels in enumerate(pixels):
+        dist2, _ = knn(frame_pixels.contiguous(), min(3, frame_pixels.shape[0] - 1))
+        radius = max(1, int(round(float(dist2.mean(1).sqrt().median()))))
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        closed = torch.from_numpy(cv2.morphologyEx(covered[frame], cv2.MORPH_CLOSE, kernel)).bool()
+        mask = masks[frame].cpu()
+        ious.append(float((closed & mask).sum()) / max(float((closed | mask).sum()), 1.0))
+    return ious
 
 
 def surface_metrics(trainer, samples_per_frame: int = 20000) -> dict:
@@ -273,20 +300,12 @@ def surface_metrics(trainer, samples_per_frame: int = 20000) -> dict:
     faces = torch.as_tensor(truth["faces"], dtype=torch.int64)
     if len(vertices) != len(data):
         return {"notes": [f"ground truth has {len(vertices)} train frames, the scene {len(data)}: surface chamfer skipped"]}
-    generator = torch.Generator().manual_seed(0)
-    corners = vertices[0][faces]  # [T, 3, 3]
-    areas = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]).norm(dim=-1)
-    triangles = torch.multinomial(areas, samples_per_frame, replacement=True, generator=generator)
-    u, v = torch.rand(2, samples_per_frame, generator=generator)
-    flip = u + v > 1
-    u, v = torch.where(flip, 1 - u, u), torch.where(flip, 1 - v, v)
-    barycentric = torch.stack([1 - u - v, u, v], -1)  # [S, 3]
+    sample = surface_sampler(vertices[0], faces, samples_per_frame)
 
     distances, diagonals = [], []
     with torch.no_grad():
         for index in range(len(data)):
-            surface = (vertices[index][faces[triangles]] * barycentric[..., None]).sum(1)
-            surface = surface.to(trainer.device).contiguous()
+            surface = sample(vertices[index]).to(trainer.device).contiguous()
             points = model(data.times[index : index + 1])[0].contiguous()
             to_surface, _ = knn(surface, 1, queries=points)
             to_points, _ = knn(points, 1, queries=surface)
@@ -294,6 +313,52 @@ def surface_metrics(trainer, samples_per_frame: int = 20000) -> dict:
             diagonals.append(float((surface.max(0).values - surface.min(0).values).norm()))
     chamfer = float(np.mean(distances))
     return {"surface_chamfer": chamfer, "surface_chamfer_rel": chamfer / float(np.mean(diagonals))}
+
+
+def surface_sampler(vertices0: torch.Tensor, faces: torch.Tensor, count: int, seed: int = 0):
+    """Area-weighted samples of a deforming triangle mesh that move with it: triangles and barycentric
+    coordinates drawn once on vertices0 [V, 3]; returns ``sample(vertices [V, 3]) -> [count, 3]``."""
+    generator = torch.Generator().manual_seed(seed)
+    corners = vertices0[faces]  # [T, 3, 3]
+    areas = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]).norm(dim=-1)
+    triangles = faces[torch.multinomial(areas, count, replacement=True, generator=generator)]
+    u, v = torch.rand(2, count, generator=generator)
+    flip = u + v > 1
+    u, v = torch.where(flip, 1 - u, u), torch.where(flip, 1 - v, v)
+    barycentric = torch.stack([1 - u - v, u, v], -1)[..., None]  # [S, 3, 1]
+    return lambda vertices: (vertices[triangles] * barycentric).sum(1)
+
+
+@torch.no_grad()
+def truth_iou(trainer, held_out, config) -> float | None:
+    """The IoU metric on the true surface of a generated scene: as many points as the cloud, sampled on
+    the held-out frames' true meshes and splatted the same way. The best a cloud of that size can get,
+    so the ceiling to read ``iou_val`` against. None for scenes without ground truth."""
+    from npg.neighbors import knn
+
+    from .trainer import project
+
+    try:
+        from npg.data.generate import load_ground_truth
+
+        truth = load_ground_truth(trainer.scene_dir, held_out.split)
+    except (ImportError, FileNotFoundError):
+        return None
+    vertices = torch.as_tensor(truth["vertices"], dtype=torch.float32)
+    if len(vertices) != len(held_out):
+        return None
+    sample = surface_sampler(vertices[0], torch.as_tensor(truth["faces"], dtype=torch.int64), config.num_points)
+    device = held_out.times.device
+    points = torch.stack([sample(v) for v in vertices]).to(device)
+    dist2, _ = knn(points[0].contiguous(), 3)
+    scales = spacing_scales(dist2, config.iou_splat_scale)
+    ious = []
+    for start in range(0, len(held_out), 8):
+        frames = torch.arange(start, min(start + 8, len(held_out)), device=device)
+        pixels, _ = project(points[frames], held_out.w2c[frames], held_out.intrinsics[frames])
+        ious += cloud_iou(points[frames], pixels, [held_out.cameras[i] for i in frames.tolist()], scales,
+                          held_out.masks[frames], config)
+    return float(np.mean(ious))
 
 
 def _device_name(device: torch.device) -> str:

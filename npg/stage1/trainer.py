@@ -104,8 +104,8 @@ class Stage1Config:
     # export and metrics
     preview: bool = True
     preview_fps: int = 10
-    # Coverage splats for the IoU: radius = this × RMS 3-NN distance (0.25 measured best of 0.2-1.0 on
-    # the generated and lego scenes: larger splats overshoot the outline, smaller leave holes).
+    # Coverage splats for the IoU (npg.stage1.export.cloud_iou): radius = this × RMS 3-NN distance,
+    # then a closing by the projected point spacing fills the gaps between splats.
     iou_splat_scale: float = 0.25
     iou_threshold: float = 0.5
 
