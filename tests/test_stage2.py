@@ -10,7 +10,7 @@ import torch
 from npg.camera import Camera
 from npg.stage2.densify import DensityController, append_gaussians, fit_blend_logits, keep_gaussians, reset_opacity
 from npg.stage2.model import INDEX_NAMES, PARAMETER_NAMES, NPGGaussians
-from npg.stage2.trainer import Stage2Config, interpolate_export, make_optimizer
+from npg.stage2.trainer import Stage2Config, interpolate_export, make_optimizer, opacity_reset_due
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -174,6 +174,17 @@ def test_reset_opacity_caps_opacity_and_restarts_its_moments():
     for name in PARAMETER_NAMES:
         if name != "opacity_logits":
             assert torch.equal(optimizer.state[getattr(model, name)]["exp_avg"], before[name])
+
+
+def test_opacity_resets_follow_3dgs_but_never_end_a_run():
+    def resets(**fields):
+        config = Stage2Config(**fields)
+        return [step for step in range(1, config.iterations + 1) if opacity_reset_due(step, config)]
+
+    assert resets() == [3000, 6000, 9000, 12000, 15000]  # 3DGS's schedule: every 3000 steps up to 15k
+    assert resets(iterations=10_000, densify_until_iter=6000) == [3000, 6000]
+    assert resets(iterations=8000, densify_until_iter=6000) == [3000]  # 6000 would leave 2000 steps
+    assert resets(iterations=6000, densify_until_iter=6000) == [3000]
 
 
 def test_densified_state_restores_into_a_fresh_optimizer():

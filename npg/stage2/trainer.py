@@ -159,6 +159,18 @@ def expon_lr(step: int, lr_init: float, lr_final: float, max_steps: int) -> floa
     return math.exp(math.log(lr_init) * (1.0 - t) + math.log(lr_final) * t)
 
 
+def opacity_reset_due(step: int, config: Stage2Config) -> bool:
+    """3DGS's opacity reset: every ``opacity_reset_interval`` steps while densifying, except when fewer
+    than that many steps would follow it. A late reset leaves the model nearly transparent at the end
+    (an H100 run on lego evaluated at 24.5 dB two thousand steps before its last step and at 14.8 dB
+    right after a reset on that last step)."""
+    return (
+        step % config.opacity_reset_interval == 0
+        and step <= config.densify_until_iter
+        and step + config.opacity_reset_interval <= config.iterations
+    )
+
+
 # ---------------------------------------------------------------------------------------- data
 class TrainingViews:
     """A split's frames kept on the device as uint8 RGBA, with cameras and times."""
@@ -481,7 +493,7 @@ def train_stage2(scene_dir, out_dir, config: Stage2Config | None = None, stage1_
                         density.densify_and_prune(
                             gaussians, optimizer, points, generator, prune_large=step > config.opacity_reset_interval
                         )
-                    if step % config.opacity_reset_interval == 0:
+                    if opacity_reset_due(step, config):
                         reset_opacity(gaussians, optimizer)
                 mse = ((rendered.color.clamp(0, 1) - target) ** 2).mean()
                 log.add(loss=loss, l1=l1, dssim=dssim, reg=reg, mse=mse)
@@ -586,4 +598,5 @@ __all__ = [
     "evaluate_psnr",
     "interpolate_export",
     "expon_lr",
+    "opacity_reset_due",
 ]
