@@ -586,3 +586,42 @@ def test_cloud_iou_is_calibrated_on_a_true_surface():
         scores += cloud_iou(points, pixels, [camera], spacing_scales(dist2, 0.25), mask, config)
     assert scores[0] > 0.9, scores
     assert scores[1] < 0.8, scores
+
+
+def test_track_error_sees_points_sliding_along_the_surface(tmp_path):
+    """A unit square slides along x by 0.15 per frame. Points carried with it have no drift; points
+    that stay put still lie on the surface (chamfer-to-surface near zero) but drift by the motion."""
+    from types import SimpleNamespace
+
+    from npg.stage1.export import surface_metrics, surface_sampler
+
+    frames, shift = 3, 0.15
+    square = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    vertices = torch.stack([square + torch.tensor([shift * f, 0.0, 0.0]) for f in range(frames)])
+    times = torch.linspace(0, 1, frames)
+    (tmp_path / "gt").mkdir()
+    np.savez(tmp_path / "gt" / "mesh.npz", faces=faces.numpy().astype(np.int32))
+    np.savez(tmp_path / "gt" / "train.npz", times=times.numpy(), vertices=vertices.numpy())
+    inner = surface_sampler(vertices[0], faces, 400, seed=3)
+    # only the middle of the square: static points there stay on the moving surface in every frame
+    middle = lambda v: v[(inner(vertices[0])[:, 0] > 0.35) & (inner(vertices[0])[:, 0] < 0.65)]  # noqa: E731
+
+    class Frames(list):  # the trainer's data: its length and .times
+        pass
+
+    data = Frames(range(frames))
+    data.times = times
+
+    def trainer_with(points_at):
+        model = lambda t: points_at(int(round(float(t[0]) * (frames - 1))))[None]  # noqa: E731
+        return SimpleNamespace(scene_dir=tmp_path, device=torch.device("cpu"), model=model, data=data,
+                               config=SimpleNamespace(reference_frame=0))
+
+    carried = trainer_with(lambda f: middle(inner(vertices[f])))
+    static = trainer_with(lambda f: middle(inner(vertices[0])))
+    drift_carried = surface_metrics(carried)["track_error"]
+    drift_static = surface_metrics(static)["track_error"]
+    assert drift_carried < 0.02, drift_carried
+    mean_shift = shift * sum(range(frames)) / frames
+    assert abs(drift_static - mean_shift) < 0.02, (drift_static, mean_shift)

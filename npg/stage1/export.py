@@ -188,6 +188,12 @@ def evaluate(trainer) -> dict:
       averaged) between the points and dense samples of the true surface, mean over the training
       frames, in world units (the generated objects have a bounding sphere of radius 1), plus
       ``surface_chamfer_rel``: the same divided by the true surface's bounding-box diagonal.
+    - ``track_error`` (generated scenes): how far each point drifts from the surface point it stands
+      for. Each point is attached to its nearest true-surface sample in the reference frame; the
+      error is the mean distance between the point and that sample, carried by the true motion,
+      over all points and training frames (world units; ``track_error_rel``: over the diagonal). A
+      cloud can match the surface in every frame (low chamfer) while sliding along it: stage 2's
+      Gaussians, whose colours are fixed, then smear.
     - ``final_losses``: every unweighted term over all training frames, and their weighted total.
     """
     from .trainer import load_split
@@ -304,8 +310,13 @@ def surface_metrics(trainer, samples_per_frame: int = 20000) -> dict:
         return {"notes": [f"ground truth has {len(vertices)} train frames, the scene {len(data)}: surface chamfer skipped"]}
     sample = surface_sampler(vertices[0], faces, samples_per_frame)
 
-    distances, diagonals = [], []
+    reference = trainer.config.reference_frame
+    distances, diagonals, track = [], [], []
     with torch.no_grad():
+        surface = sample(vertices[reference]).to(trainer.device).contiguous()
+        points = model(data.times[reference : reference + 1])[0].contiguous()
+        _, attached = knn(surface, 1, queries=points)  # the true surface point each point stands for
+        attached = attached[:, 0].long()
         for index in range(len(data)):
             surface = sample(vertices[index]).to(trainer.device).contiguous()
             points = model(data.times[index : index + 1])[0].contiguous()
@@ -313,8 +324,14 @@ def surface_metrics(trainer, samples_per_frame: int = 20000) -> dict:
             to_points, _ = knn(points, 1, queries=surface)
             distances.append(0.5 * (to_surface.sqrt().mean() + to_points.sqrt().mean()).item())
             diagonals.append(float((surface.max(0).values - surface.min(0).values).norm()))
-    chamfer = float(np.mean(distances))
-    return {"surface_chamfer": chamfer, "surface_chamfer_rel": chamfer / float(np.mean(diagonals))}
+            track.append(float((points - surface[attached]).norm(dim=-1).mean()))
+    chamfer, diagonal = float(np.mean(distances)), float(np.mean(diagonals))
+    return {
+        "surface_chamfer": chamfer,
+        "surface_chamfer_rel": chamfer / diagonal,
+        "track_error": float(np.mean(track)),
+        "track_error_rel": float(np.mean(track)) / diagonal,
+    }
 
 
 def surface_sampler(vertices0: torch.Tensor, faces: torch.Tensor, count: int, seed: int = 0):
