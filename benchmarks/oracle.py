@@ -1,0 +1,131 @@
+"""Stage 2 driven by the true motion of a generated scene: the ceiling that stage 1 leaves stage 2.
+
+On a scene made by ``npg-make-scene`` (``gt/`` holds the mesh's vertices at every frame of every split),
+this trains stage 2 exactly as ``npg-train --stage 2`` does, except that the stage-1 network is
+replaced by the true surface: N points sampled once on the mesh (area-weighted, fixed barycentric
+coordinates) and moved with its vertices, linearly interpolated between the known frame times. The
+test split is then rendered and scored as by ``npg-render``. Read against the same stage-2 settings
+on the trained stage-1 cloud: the gap is what stage 1's geometry and tracking cost; the oracle's own
+shortfall from the targets is stage 2's.
+
+    python benchmarks/oracle.py SCENE -o OUT [--preset fast] [--points 5000] [--set stage2.KEY=VALUE ...]
+
+Writes ``OUT/stage2`` and ``OUT/render/<split>`` as a normal run does, and ``OUT/oracle.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+class TrueMotion(torch.nn.Module):
+    """Surface samples of the true mesh at any time: forward(times [B]) -> [B, N, 3]. No parameters,
+    so stage 2 must run with ``stage1_lr_init=0`` (nothing to fine-tune)."""
+
+    def __init__(self, times: torch.Tensor, points: torch.Tensor):
+        super().__init__()
+        order = torch.argsort(times)
+        self.register_buffer("times", times[order].float())
+        self.register_buffer("points", points[order].float())
+
+    def forward(self, times: torch.Tensor) -> torch.Tensor:
+        from npg.stage2.trainer import interpolate_export
+
+        return interpolate_export(self.times, self.points, times)
+
+
+def true_motion(scene_dir, num_points: int, seed: int = 0) -> TrueMotion:
+    """Points on the true surface of every frame of every split (train, val, test) of ``scene_dir``."""
+    from npg.data.generate import SPLITS, load_ground_truth
+    from npg.stage1.export import surface_sampler
+
+    truths = [load_ground_truth(scene_dir, split) for split in SPLITS]
+    faces = torch.as_tensor(truths[0]["faces"], dtype=torch.int64)
+    times = torch.cat([torch.as_tensor(t["times"], dtype=torch.float32) for t in truths])
+    vertices = torch.cat([torch.as_tensor(t["vertices"], dtype=torch.float32) for t in truths])
+    reference = torch.as_tensor(truths[0]["vertices"][0], dtype=torch.float32)
+    sample = surface_sampler(reference, faces, num_points, seed=seed)
+    return TrueMotion(times, torch.stack([sample(v) for v in vertices]))
+
+
+@contextmanager
+def stage1_replaced_by(motion: TrueMotion, device):
+    """Within the block, stage 2 (training and ``npg-render``) reads ``motion`` as its stage-1 model."""
+    import npg.stage2.trainer as trainer
+
+    original = trainer.load_stage1_model
+
+    def load(stage1_dir, device_=device):
+        model = TrueMotion(motion.times, motion.points).to(device_)
+        return model, model.times, model.points
+
+    trainer.load_stage1_model = load
+    try:
+        yield
+    finally:
+        trainer.load_stage1_model = original
+
+
+def run(scene_dir, out_dir, preset: str | None = "fast", num_points: int = 5000, overrides=(), split: str = "test",
+        max_image_size: int = 400) -> dict:
+    from npg.render import render_split
+    from npg.stage2.trainer import preset_config, resolve_device, train_stage2
+
+    out_dir = Path(out_dir)
+    from npg.config import apply_overrides
+
+    config = preset_config(preset, {"max_image_size": max_image_size, "stage1_lr_init": 0.0, "progress": False})
+    config = apply_overrides(config, [item.removeprefix("stage2.") for item in overrides])
+    device = resolve_device(config.device)
+    motion = true_motion(scene_dir, num_points)
+    (out_dir / "stage1").mkdir(parents=True, exist_ok=True)
+    with stage1_replaced_by(motion, device):
+        started = time.perf_counter()
+        stage2_dir = train_stage2(scene_dir, out_dir, config)
+        minutes = (time.perf_counter() - started) / 60.0
+        metrics = render_split(out_dir, split=split, export_ply=False, videos=False)
+    stage2 = json.loads((stage2_dir / "metrics.json").read_text())
+    row = {
+        "scene": Path(scene_dir).name,
+        "motion": "true surface",
+        "points": num_points,
+        "split": split,
+        "psnr": round(metrics["psnr"], 3),
+        "ssim": round(metrics["ssim"], 4),
+        "train_psnr": stage2.get("train_psnr"),
+        "gaussians": metrics["gaussians"],
+        "stage2_min": round(minutes, 3),
+        "iterations": config.iterations,
+        "device": metrics["device"],
+    }
+    (out_dir / "oracle.json").write_text(json.dumps(row, indent=2))
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("scene")
+    parser.add_argument("-o", "--out", required=True)
+    parser.add_argument("--preset", default="fast", choices=["default", "fast", "cpu"])
+    parser.add_argument("--points", type=int, default=5000)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--max-image-size", type=int, default=400)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="stage2.KEY=VALUE")
+    args = parser.parse_args(argv)
+    preset = None if args.preset == "default" else args.preset
+    row = run(args.scene, args.out, preset, args.points, args.overrides, args.split, args.max_image_size)
+    print(json.dumps(row, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
