@@ -353,7 +353,8 @@ class Stage1Trainer:
         ).to(self.device)
         if self.model.features.shape[1] != 3:
             raise ValueError("the splatted features must have 3 channels")
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        # fused kernels on CUDA: the step is bound by host time there
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=self.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: lr_factor(step, config.iterations, config.warmup_iterations, config.lr_final_fraction),
