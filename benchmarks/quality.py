@@ -97,6 +97,8 @@ def run_scene(name: str, work: Path, preset: str, overrides: list[str]) -> dict:
         stage1_iou_val=stage1.get("iou_val"),
         stage1_iou_val_truth=stage1.get("iou_val_truth"),
         stage1_chamfer_px_val=stage1.get("chamfer_px_val"),
+        stage1_surface_chamfer_rel=stage1.get("surface_chamfer_rel"),
+        stage1_track_error_rel=stage1.get("track_error_rel"),
     )
     return row
 
