@@ -9,6 +9,7 @@ Conventions (those of ``../shared/refdata/README.md``, i.e. standard 3DGS):
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -120,7 +121,19 @@ class Camera:
 
     # ----------------------------------------------------------------- transforms
     def to(self, device) -> "Camera":
+        """This camera with ``w2c`` on ``device``; itself when it is there already (renderers call
+        this every frame, and a new Camera re-validates w2c: a device sync on a GPU)."""
+        device = torch.device(device)
+        here = self.w2c.device
+        if device.type == here.type and (device.index is None or device.index == here.index):
+            return self
         return replace(self, w2c=self.w2c.to(device))
+
+    @functools.cached_property
+    def w2c_host(self) -> torch.Tensor:
+        """``w2c`` as a float64 CPU tensor, copied from the device once per Camera: the CUDA rasterizer
+        passes the camera to its kernels as host numbers on every call."""
+        return self.w2c.detach().to(device="cpu", dtype=torch.float64)
 
     def scaled(self, factor: float) -> "Camera":
         """The same camera for an image resized by ``factor`` (e.g. 0.5 for 800→400).

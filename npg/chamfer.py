@@ -84,7 +84,7 @@ def prepare_mask(mask: torch.Tensor) -> MaskPixels:
     return MaskPixels(mask, _xy(torch.nonzero(mask)), _xy(torch.nonzero(boundary)))
 
 
-def _check_points(points2d) -> None:
+def _check_points(points2d, check_finite: bool = True) -> None:
     if not isinstance(points2d, torch.Tensor):
         raise TypeError(f"silhouette_chamfer: points2d must be a torch.Tensor, got {type(points2d).__name__}")
     if points2d.dtype not in (torch.float32, torch.float64):
@@ -93,7 +93,7 @@ def _check_points(points2d) -> None:
         raise ValueError(f"silhouette_chamfer: points2d must have shape [P, 2], got {list(points2d.shape)}")
     if points2d.shape[0] == 0:
         raise ValueError("silhouette_chamfer: points2d is empty, the chamfer is undefined")
-    if not bool(torch.isfinite(points2d).all()):
+    if check_finite and not bool(torch.isfinite(points2d).all()):
         row = int(torch.nonzero(~torch.isfinite(points2d).all(dim=1))[0, 0])
         raise ValueError(f"silhouette_chamfer: points2d contain NaN or Inf (first at row {row})")
 
@@ -114,11 +114,12 @@ def _losses(points2d, nearest_pixel, pixels, nearest_point):
     return point_to_mask, mask_to_point
 
 
-def silhouette_chamfer(points2d: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
+def silhouette_chamfer(points2d: torch.Tensor, mask, *, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Chamfer terms (point_to_mask, mask_to_point), two scalars, between points2d [P, 2] (pixels,
     float32/64) and mask [H, W] bool or a :class:`MaskPixels` from :func:`prepare_mask` (moved to the
-    points' device if needed). Raises on an empty mask, empty or non-finite points."""
-    _check_points(points2d)
+    points' device if needed). Raises on an empty mask, empty or non-finite points; ``validate=False``
+    skips the finiteness test (one device sync) for callers that have made it, e.g. once per batch."""
+    _check_points(points2d, check_finite=validate)
     prepared = _on_device(mask, points2d.device)
     height, width = prepared.mask.shape
     with torch.no_grad():
@@ -128,9 +129,10 @@ def silhouette_chamfer(points2d: torch.Tensor, mask) -> tuple[torch.Tensor, torc
         inside = (col >= 0) & (col <= width - 1) & (row >= 0) & (row <= height - 1)
         flat = (row.clamp(0, height - 1) * width + col.clamp(0, width - 1)).long()
         on_mask = inside & prepared.mask.reshape(-1)[flat]
-        _, boundary_index = knn(prepared.boundary, 1, p)
+        # p is finite (checked above or by the caller) and mask pixels are integer coordinates
+        _, boundary_index = knn(prepared.boundary, 1, p, validate=False)
         nearest_pixel = torch.where(on_mask[:, None], lattice, prepared.boundary[boundary_index[:, 0]])
-        _, point_index = knn(p, 1, prepared.pixels)
+        _, point_index = knn(p, 1, prepared.pixels, validate=False)
     return _losses(points2d, nearest_pixel, prepared.pixels, point_index[:, 0])
 
 

@@ -50,7 +50,7 @@ import torch
 MAX_K = 32
 
 
-def _validate(points, k, queries):
+def _validate(points, k, queries, check_finite: bool = True):
     if not isinstance(points, torch.Tensor):
         raise TypeError(f"knn: points must be a torch.Tensor, got {type(points).__name__}")
     if points.dtype != torch.float32:
@@ -81,7 +81,7 @@ def _validate(points, k, queries):
             raise ValueError(f"knn: queries are on {queries.device} but points on {points.device}")
         if k > n:
             raise ValueError(f"knn: k = {k} exceeds the number of points ({n})")
-    for name, tensor in (("points", points), ("queries", queries)):
+    for name, tensor in (("points", points), ("queries", queries)) if check_finite else ():
         if tensor is not None and tensor.numel() and not bool(torch.isfinite(tensor).all()):
             row = int(torch.nonzero(~torch.isfinite(tensor).all(dim=1))[0, 0])
             raise ValueError(f"knn: {name} contain NaN or Inf (first at row {row})")
@@ -177,7 +177,7 @@ def _with_grad(points, queries, dist2, index):
 
 
 def knn(points: torch.Tensor, k: int, queries: torch.Tensor | None = None, *, backend: str = "auto",
-        leaf_size: int | None = None):
+        leaf_size: int | None = None, validate: bool = True):
     """k nearest points of every query, exact.
 
     Args:
@@ -187,11 +187,14 @@ def knn(points: torch.Tensor, k: int, queries: torch.Tensor | None = None, *, ba
             is then not its own neighbour; its exact duplicates are, at distance 0).
         backend: "auto" (CUDA kernel for CUDA tensors, cKDTree on the CPU), "cuda", "scipy" or "torch".
         leaf_size: CUDA tree leaf size (8..64); default 16 for k <= 8, else 32.
+        validate: check that points and queries are finite, raising a ValueError that names the first
+            bad row (a device sync per tensor). False is for callers that have checked already, e.g.
+            once for a whole batch; the neighbours of non-finite coordinates are then meaningless.
 
     Returns:
         dist2 [Q, k] float32 squared distances, ascending; index [Q, k] int64 rows of ``points``.
     """
-    k = _validate(points, k, queries)
+    k = _validate(points, k, queries, check_finite=validate)
     if leaf_size is not None and (isinstance(leaf_size, bool) or not isinstance(leaf_size, int) or not 8 <= leaf_size <= 64):
         raise ValueError(f"knn: leaf_size must be an int in [8, 64], got {leaf_size!r}")
     if backend == "auto":

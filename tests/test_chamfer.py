@@ -37,10 +37,11 @@ def losses_and_grads(fn, points, mask):
 
 @pytest.mark.parametrize("shape", [(37, 53), (64, 64), (5, 90), (1, 17)])
 @pytest.mark.parametrize("n_points", [1, 7, 300])
-def test_matches_reference(shape, n_points):
+@pytest.mark.parametrize("validate", [True, False])
+def test_matches_reference(shape, n_points, validate):
     mask = blob_mask(*shape, seed=n_points)
     points = random_points(n_points, *shape, seed=shape[0])
-    ours = losses_and_grads(silhouette_chamfer, points, mask)
+    ours = losses_and_grads(lambda p, m: silhouette_chamfer(p, m, validate=validate), points, mask)
     ref = losses_and_grads(silhouette_chamfer_torch, points, mask)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -84,6 +84,8 @@ def test_explicit_queries(backend, dim):
     for k in (1, 7, 32):
         dist2, index = knn(points, k, queries, backend=backend)
         check_result(points, k, queries, dist2, index)
+        unchecked = knn(points, k, queries, backend=backend, validate=False)  # the caller vouches for finiteness
+        torch.testing.assert_close(unchecked, (dist2, index), rtol=0, atol=0)
         # A query equal to a point finds it (or a duplicate) at distance 0: no self-exclusion here.
         assert bool((dist2[300:350, 0] == 0).all())
     # k may equal N when the queries are not the points.

@@ -274,3 +274,22 @@ def test_sh_degree_accepts_numpy_integers_and_checks_coefficients():
     assert torch.equal(a.color, b.color)
     with pytest.raises(ValueError, match="needs 16"):
         eval_sh(torch.zeros(2, 9, 3), torch.zeros(2, 3), 3)
+
+
+def test_camera_to_its_own_device_is_itself_and_keeps_a_host_copy():
+    from npg.camera import Camera
+    from npg.raster.cuda import camera_numbers
+
+    w2c = torch.eye(4)
+    w2c[:3, 3] = torch.tensor([0.1, -0.2, 3.0])
+    camera = Camera.from_fov(w2c, 0.5, 0.4, 64, 48)
+    assert camera.to("cpu") is camera and camera.to(torch.device("cpu")) is camera
+    assert camera.w2c_host.dtype == torch.float64 and camera.w2c_host.device.type == "cpu"
+    torch.testing.assert_close(camera.w2c_host, w2c.double())
+    numbers = camera_numbers(camera)
+    assert numbers[:16] == w2c.double().reshape(-1).tolist()
+    torch.testing.assert_close(torch.tensor(numbers[16:19]), camera.campos.float().cpu())
+    if torch.cuda.is_available():
+        moved = camera.to("cuda")
+        assert moved is not camera and moved.to("cuda") is moved and moved.to("cuda:0") is moved
+        assert camera_numbers(moved) == numbers

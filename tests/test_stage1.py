@@ -208,6 +208,10 @@ def test_silhouette_loss_matches_dense_chamfer():
     ours.backward()
     expected.backward()
     torch.testing.assert_close(points.grad, reference_points.grad, rtol=1e-4, atol=1e-5)
+    bad = points.detach().clone()
+    bad[2, 5, 1] = float("nan")
+    with pytest.raises(ValueError, match="frame 2 of the batch contain NaN"):
+        losses.silhouette_loss(bad, masks)
 
 
 def test_positive_depth_loss():

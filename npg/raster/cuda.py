@@ -24,7 +24,7 @@ FOV_CLAMP = 1.3  # x/z and y/z are clamped to ±1.3·tan(half fov) in the EWA Ja
 def camera_numbers(camera) -> list[float]:
     """The 27 numbers csrc/raster/rasterizer.h takes: w2c row-major (16), campos (3), fx, fy, cx, cy,
     lim_x, lim_y, width, height."""
-    w2c = camera.w2c.detach().to(device="cpu", dtype=torch.float64)
+    w2c = camera.w2c_host
     campos = -(w2c[:3, :3].T @ w2c[:3, 3])
     return (
         w2c.reshape(-1).tolist()

@@ -31,9 +31,12 @@ def silhouette_loss(points2d: torch.Tensor, masks, pixel_scale: float = 1.0) -> 
     if len(masks) != points2d.shape[0] or (isinstance(masks, torch.Tensor) and masks.dim() != 3):
         shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else f"{len(masks)} masks"
         raise ValueError(f"masks must be [B, H, W] with B={points2d.shape[0]}, got {shape}")
+    if not bool(torch.isfinite(points2d).all()):  # one device sync for the batch, not one per frame
+        frame = int(torch.nonzero(~torch.isfinite(points2d).flatten(1).all(dim=1))[0, 0])
+        raise ValueError(f"silhouette_loss: the projected points of frame {frame} of the batch contain NaN or Inf")
     total = points2d.new_zeros(())
     for frame_points, mask in zip(points2d, masks):
-        point_to_mask, mask_to_point = silhouette_chamfer(frame_points, mask)
+        point_to_mask, mask_to_point = silhouette_chamfer(frame_points, mask, validate=False)
         total = total + point_to_mask + mask_to_point
     return total * (pixel_scale**2) / points2d.shape[0]
 
