@@ -8,6 +8,12 @@ import typing
 
 
 def _coerce(value: str, annotation, current):
+    options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if len(options) < len(typing.get_args(annotation)):  # Optional[X]: "none" / "null" clear it
+        if value.strip().lower() in ("none", "null"):
+            return None
+        if len(options) == 1:
+            annotation = typing.get_origin(options[0]) or options[0]
     kind = type(current) if current is not None else annotation
     if kind is bool or annotation in (bool, "bool"):
         lowered = value.lower()
