@@ -124,8 +124,9 @@ class Camera:
         """This camera with ``w2c`` on ``device``; itself when it is there already (renderers call
         this every frame, and a new Camera re-validates w2c: a device sync on a GPU)."""
         device = torch.device(device)
-        here = self.w2c.device
-        if device.type == here.type and (device.index is None or device.index == here.index):
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device == self.w2c.device:
             return self
         return replace(self, w2c=self.w2c.to(device))
 
