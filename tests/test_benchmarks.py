@@ -1,12 +1,15 @@
-"""benchmarks/oracle.py: the true-motion stand-in for the stage-1 network on generated scenes."""
+"""Benchmark scripts that carry logic of their own: benchmarks/oracle.py (the true-motion stand-in for
+the stage-1 network on generated scenes) and benchmarks/train_speed.py (a smoke run on a tiny scene)."""
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.oracle import stage1_replaced_by, true_motion  # noqa: E402
+from benchmarks.train_speed import RateClock, run as train_speed  # noqa: E402
 
 
 def write_ground_truth(folder: Path):
@@ -50,3 +53,23 @@ def test_stage1_replacement_is_undone(tmp_path):
         model, times, points = trainer.load_stage1_model(tmp_path / "stage1")
         assert list(model.parameters()) == [] and points.shape == (5, 20, 3)
     assert trainer.load_stage1_model is original
+
+
+def test_train_speed_times_both_stages_after_the_warm_up(tmp_path):
+    from npg.data.generate import make_scene
+
+    scene = make_scene(tmp_path / "arc", "generated_arc", "tiny", seed=0, progress=False)
+    rows = train_speed(scene, tmp_path / "work", preset="cpu", stage1_iterations=6, stage2_iterations=6, warmup=2,
+                       overrides=["stage1.num_points=200", "stage2.color_init_views=2"], image_size=48)
+    assert [row["stage"] for row in rows] == ["stage 1", "stage 2"]
+    assert all(row["iterations_timed"] == 4 and row["it_per_s"] > 0 for row in rows)
+    assert rows[0]["size"] == "200 points"
+
+
+def test_rate_clock_needs_a_warm_up_shorter_than_the_run():
+    clock = RateClock(2, 5)
+    for step in range(1, 6):
+        clock(step)
+    assert clock.rate() > 0 and set(clock.marks) == {2, 5}
+    with pytest.raises(ValueError, match="warm-up"):
+        RateClock(5, 5)
