@@ -1,4 +1,6 @@
-"""Lazy access to the compiled CUDA extensions (npg._raster_cuda, npg._knn_cuda)."""
+"""Lazy access to the compiled CUDA extensions (npg._raster_cuda, npg._knn_cuda), and the backend
+choice of the ops whose fast path is a Triton kernel (npg.skin, npg.ssim)."""
+import os
 from functools import lru_cache
 from importlib import import_module
 
@@ -26,3 +28,16 @@ def available(name: str) -> bool:
         return True
     except ExtensionUnavailable:
         return False
+
+
+def triton_backend(op: str, tensor, backend: str) -> str:
+    """"triton" or "torch" for ``backend`` ("auto": Triton for CUDA tensors, the torch reference on the
+    CPU). Triton on CPU tensors needs the interpreter (TRITON_INTERPRET=1 set before triton's import)."""
+    if backend == "auto":
+        return "triton" if tensor.is_cuda else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "triton" and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{op}: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
+                         "first imported to run the kernels on the CPU")
+    return backend

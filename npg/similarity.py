@@ -20,11 +20,12 @@ kernels, e.g. under TRITON_INTERPRET=1).
 from __future__ import annotations
 
 import math
-import os
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+
+from npg._ext import triton_backend
 
 C1 = 0.01 ** 2
 C2 = 0.03 ** 2
@@ -48,15 +49,8 @@ def ssim(img1, img2, padding: str = "same", window_size: int = 11, sigma: float 
         0-d tensor in the dtype of the images.
     """
     _check_inputs(img1, img2, padding, window_size, sigma)
-    if backend == "auto":
-        backend = "triton" if img1.is_cuda else "torch"
-    if backend == "torch":
+    if triton_backend("ssim", img1, backend) == "torch":
         return ssim_torch(img1, img2, padding, window_size, sigma, validate=validate)
-    if backend != "triton":
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if not img1.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("ssim: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
-                         "first imported to run the kernels on the CPU")
     window, consts = _kernel_constants(window_size, float(sigma), img1.dtype, img1.device)
     offset = window_size // 2 if padding == "same" else 0
     needs_grad = torch.is_grad_enabled() and (img1.requires_grad or img2.requires_grad)

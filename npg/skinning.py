@@ -23,9 +23,9 @@ TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from npg._ext import triton_backend
 
 SIN_EPS2 = 1e-10
 AREA_EPS2 = 1e-30
@@ -52,15 +52,8 @@ def skin(points, neighbor_idx, logits, anchors, quats, *, backend: str = "auto",
         means [G, 3] and rotations [G, 4] (unit quaternions), same dtype as points.
     """
     _check_inputs(points, neighbor_idx, logits, anchors, quats)
-    if backend == "auto":
-        backend = "triton" if points.is_cuda else "torch"
-    if backend == "torch":
+    if triton_backend("skin", points, backend) == "torch":
         return skin_torch(points, neighbor_idx, logits, anchors, quats, validate=validate)
-    if backend != "triton":
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if not points.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("skin: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
-                         "first imported to run the kernels on the CPU")
     args = [t.contiguous() for t in (points, neighbor_idx, logits, anchors, quats)]
     return _SkinTriton.apply(*args, validate)
 
