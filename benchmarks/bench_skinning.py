@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import cuda_median_ms, device_name, format_table, measured_copy_gbps, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    cuda_median_ms, device_name, format_table, graph_median_ms, measured_copy_gbps, write_json)
 from npg.skinning import AREA_EPS2, SIN_EPS2, skin, skin_torch  # noqa: E402
 
 POINTS = 5000
@@ -65,22 +66,6 @@ def traffic_bytes(G, P=POINTS, J=NEIGHBOURS, s=4, i=8):
     forward = inputs + 3 * G * s + 4 * G * s
     backward = inputs + 3 * G * s + 4 * G * s + 3 * P * s + G * J * s + 4 * G * s
     return forward, forward + backward
-
-
-def graph_median_ms(fn, replays: int = 20) -> float:
-    """Device time of ``fn()`` without host launch overhead: ``replays`` calls captured in one CUDA
-    graph, timed with CUDA events (median of cuda_median_ms over graph launches) / replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(replays):
-            fn()
-    return cuda_median_ms(graph.replay) / replays
 
 
 def run() -> list[dict]:

@@ -6,8 +6,10 @@ padding "same", the training loss). bench "ssim_fwd_bwd" is the training use: SS
 gradient state). impl "triton" is ``npg.ssim`` as called by default (validate=True: the scalar is read
 back once per call), "triton, validate=False" skips that synchronisation; "conv2d" is ``ssim_torch``
 (five grouped 11×11 conv2d, 3D Gaussian Splatting's formulation, PyTorch's default cuDNN settings)
-under autograd, and "conv2d, validate=False" the same without its finiteness check. ``sweep()`` times the bare kernels
-over tile shapes (used to pick defaults).
+under autograd, and "conv2d, validate=False" the same without its finiteness check. At these sizes
+both are dominated by host launch overhead, so impls "..., CUDA graph" also time the same calls
+(validate=False, autograd included) replayed from a CUDA graph: the device time of each
+implementation's kernels. ``sweep()`` times the bare kernels over tile shapes (used to pick defaults).
 
 Run ``python -m benchmarks.bench_ssim [--json PATH] [--sweep PATH]`` on a GPU machine.
 """
@@ -23,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import cuda_median_ms, device_name, format_table, write_json  # noqa: E402
+from benchmarks.common import cuda_median_ms, device_name, format_table, graph_median_ms, write_json  # noqa: E402
 from npg.similarity import C1, C2, gaussian_window, ssim, ssim_torch  # noqa: E402
 
 SIZES = [400, 800]
@@ -58,6 +60,17 @@ def run() -> list[dict]:
             rows.append({"bench": "ssim_fwd", "size": f"{size}x{size}", "impl": impl, "ms": ms, "device": device})
             ms = cuda_median_ms(forward_backward)
             rows.append({"bench": "ssim_fwd_bwd", "size": f"{size}x{size}", "impl": impl, "ms": ms, "device": device})
+        for impl, fn in (("triton", ssim), ("conv2d", ssim_torch)):
+            def forward():
+                with torch.no_grad():
+                    return fn(render, target, validate=False)
+
+            def forward_backward_graphed():
+                return torch.autograd.grad(1.0 - fn(leaf, target, validate=False), leaf)
+
+            for bench, body in (("ssim_fwd", forward), ("ssim_fwd_bwd", forward_backward_graphed)):
+                rows.append({"bench": bench, "size": f"{size}x{size}", "impl": f"{impl}, CUDA graph",
+                             "ms": graph_median_ms(body), "device": device})
     return rows
 
 

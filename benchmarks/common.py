@@ -36,6 +36,22 @@ def cuda_median_ms(fn, warmup: int = 10, iters: int = 30) -> float:
     return statistics.median(times)
 
 
+def graph_median_ms(fn, replays: int = 20) -> float:
+    """Device time of ``fn()`` without host launch overhead: ``replays`` calls captured in one CUDA
+    graph, timed with CUDA events (median of cuda_median_ms over graph launches) / replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(replays):
+            fn()
+    return cuda_median_ms(graph.replay) / replays
+
+
 def peak_memory_mb(fn) -> float:
     """Peak GPU memory allocated during one call of ``fn()`` above what was allocated before it."""
     torch.cuda.synchronize()

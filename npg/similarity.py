@@ -68,7 +68,7 @@ def ssim_torch(img1, img2, padding: str = "same", window_size: int = 11, sigma: 
     if squeeze:
         img1, img2 = img1[None], img2[None]
     channels = img1.shape[1]
-    g = gaussian_window(window_size, sigma, img1.dtype, img1.device)
+    g = _kernel_constants(window_size, float(sigma), img1.dtype, img1.device)[0]
     window = (g[:, None] * g[None, :]).expand(channels, 1, window_size, window_size).contiguous()
     pad = window_size // 2 if padding == "same" else 0
 
