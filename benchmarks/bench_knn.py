@@ -3,7 +3,7 @@
 Rows ``{bench, size, impl, ms, device}``:
 
 * bench "knn": 5k uniform points k=20 (stage 1's rigidity neighbours), the 138 766 garden points k=3
-  (``../shared/refdata/raster/garden_v0.npz`` key ``in__means3D``, or the .npy/.npz named by
+  (``$NPG_SHARED/refdata/raster/garden_v0.npz``, default ``../shared``, key ``in__means3D``, or the .npy/.npz named by
   ``NPG_BENCH_GARDEN``) and 1M uniform points k=3, for ``npg.knn`` (CUDA, whole call including input
   checks), the bare extension call, tree leaf-size variants, ``npg.mean_dist2_knn3`` (distCUDA2's
   semantics), the exact blocked torch brute force ``knn_torch`` and a cdist+topk brute force where they
@@ -41,7 +41,8 @@ DISTCUDA2_README_MS = {"garden 138766 k=3": 17.7, "uniform 1M k=3": 28.5}
 
 
 def garden_points() -> np.ndarray | None:
-    candidates = [os.environ.get("NPG_BENCH_GARDEN"), REPO.parent / "shared" / "refdata" / "raster" / "garden_v0.npz"]
+    shared = Path(os.environ.get("NPG_SHARED", REPO.parent / "shared"))
+    candidates = [os.environ.get("NPG_BENCH_GARDEN"), shared / "refdata" / "raster" / "garden_v0.npz"]
     for path in candidates:
         if path and Path(path).exists():
             data = np.load(path)
