@@ -214,6 +214,24 @@ def test_external_flows_are_imported(tmp_path):
         prepare_scene(root, flows_from=wrong, progress=False)
 
 
+def test_flow_sources_keep_separate_caches(tmp_path):
+    """DIS and external flows of one scene live in different folders: preparing one never deletes the
+    other (two runs of a benchmark with different sources would otherwise rebuild the cache the other
+    is reading)."""
+    root = write_moving_square(tmp_path / "scene")
+    ext = tmp_path / "raft"
+    ext.mkdir()
+    zeros = np.zeros((H, W, 2), np.float32)
+    for i in range(F - 1):
+        np.save(ext / f"r_{i:03d}.npy", zeros - 7.5)  # against the square's motion: not what DIS finds
+    dis = prepare_scene(root, progress=False)
+    external = prepare_scene(root, flows_from=ext, progress=False)
+    assert dis.cache_dir.name == "train_ds1" and external.cache_dir.name.startswith("train_ds1_")
+    assert prepare_scene(root, progress=False).skipped and prepare_scene(root, flows_from=ext, progress=False).skipped
+    assert bool((load_flows(root, flows_from=ext) == -7.5).all())
+    assert not bool((load_flows(root) == -7.5).any())
+
+
 def test_cli(tmp_path, capsys):
     root = write_moving_square(tmp_path / "scene", count=3, rgb_only=True)
     assert main([str(root), "--no-video"]) == 0

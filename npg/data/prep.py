@@ -1,7 +1,8 @@
 """Scene preprocessing: masks, forward optical flow, a flow video — cached under a manifest.
 
 ``prepare_scene(SCENE, split, downsample)`` (or ``npg-prep SCENE``) writes, for the frames of one split
-in time order at one resolution, into ``<cache>/<split>_ds<downsample>/``:
+in time order at one resolution, into ``<cache>/<split>_ds<downsample>/`` (another flow or mask
+source than the default gets its own folder, ``<split>_ds<downsample>_<hash of the sources>``):
 
 - ``flow/NNNNNN.npy``: forward flow from frame i to frame i + 1 [H, W, 2] (dx, dy pixels), computed by
   OpenCV (DIS at its finest preset, Farneback as fallback) on the frames composited over black, or
@@ -21,6 +22,7 @@ in time order at one resolution, into ``<cache>/<split>_ds<downsample>/``:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -101,6 +103,22 @@ def _external_flow_files(folder: Path, image_files: list[Path]) -> list[Path]:
     )
 
 
+def _cache_dir_name(split: str, downsample: int, method: str, flows_from, masks) -> str:
+    """``<split>_ds<downsample>`` for the default sources (the scene's masks, DIS flow); any other flow
+    or mask source gets a folder of its own, so that runs on one scene with different sources (e.g. a
+    benchmark training with DIS and with external flows at once) never rebuild the cache another
+    run is reading."""
+    name = f"{split}_ds{int(downsample)}"
+    if method == "dis" and flows_from is None and masks is None:
+        return name
+    sources = {
+        "method": None if flows_from is not None else method,
+        "flows_from": None if flows_from is None else str(Path(flows_from).expanduser().resolve()),
+        "masks": None if masks is None else str(Path(masks).expanduser().resolve()),
+    }
+    return f"{name}_{hashlib.sha1(json.dumps(sources, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
 def _save_flow(path: Path, flow: np.ndarray) -> None:
     dtype = np.float16 if np.abs(flow).max(initial=0.0) <= FLOAT16_LIMIT else np.float32
     with atomic_path(path) as tmp:
@@ -151,7 +169,7 @@ def prepare_scene(
     if method not in FLOW_METHODS:
         raise ValueError(f"unknown flow method {method!r}; use one of {', '.join(FLOW_METHODS)}")
     spec = read_spec(path, split, masks, format).sorted_by_time()
-    out_dir = cache_root(spec.root) / f"{spec.split}_ds{int(downsample)}"
+    out_dir = cache_root(spec.root) / _cache_dir_name(spec.split, downsample, method, flows_from, masks)
     external = None if flows_from is None else _external_flow_files(flows_from, spec.image_files)
 
     import cv2
