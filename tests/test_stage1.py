@@ -359,6 +359,9 @@ def test_schedule_and_scene_defaults():
     assert scene_defaults("generated_arc")["num_basis"] == 47
     resolved = resolve_config(Stage1Config(iterations=1000), "trex", num_frames=5)
     assert resolved.num_basis == 30 and resolved.reference_frame == 4 and resolved.warmup_iterations == 50
+    assert resolve_config(Stage1Config(), "generated_arc", num_frames=150).reference_frame == 75  # the middle
+    assert resolve_config(Stage1Config(), "jumpingjacks", num_frames=150).reference_frame == 0
+    assert resolve_config(Stage1Config(reference_frame=3), "generated_arc", num_frames=150).reference_frame == 3
     with pytest.raises(ValueError, match="reference_frame"):
         resolve_config(Stage1Config(reference_frame=9), "x", num_frames=5)
 
