@@ -508,3 +508,74 @@ def test_corrupt_or_missing_checkpoints_are_clear_errors(trained_run, tiny_scene
         render_main([str(tmp_path / "nothing")])
     with pytest.raises(FileNotFoundError, match="stage-1 output not found"):
         train_stage2(tiny_scene, tmp_path / "no_stage1", config)
+
+
+def test_a_checkpoint_holding_nan_is_refused_by_name_before_rendering(trained_run, tmp_path):
+    import shutil
+
+    from npg.render import main as render_main
+
+    for tensor_path, expected in ((("gaussians", "tensors", "sh_dc"), "gaussians.sh_dc"),
+                                  (("stage1_state", "basis"), "stage1.basis")):
+        out = tmp_path / expected
+        shutil.copytree(trained_run / "stage1", out / "stage1")
+        (out / "stage2").mkdir()
+        checkpoint = torch.load(trained_run / "stage2" / "checkpoint.pt", weights_only=False)
+        holder = checkpoint
+        for key in tensor_path[:-1]:
+            holder = holder[key]
+        holder[tensor_path[-1]] = holder[tensor_path[-1]].clone()
+        holder[tensor_path[-1]].view(-1)[3] = float("nan")
+        torch.save(checkpoint, out / "stage2" / "checkpoint.pt")
+        with pytest.raises(RuntimeError, match=rf"NaN or Inf in {expected}\b"):
+            render_main([str(out), "--no-video", "--no-ply"])
+
+
+# ------------------------------------------------------------------------------------------ FrameRenderer
+def small_model(device):
+    """A random stage-1 network (200 points) and Gaussians anchored to its cloud at t = 0, on ``device``."""
+    from npg.stage1.model import DeformationModel
+
+    torch.manual_seed(0)
+    network = DeformationModel(num_points=200, num_basis=6, num_frames=8, width=64, bottleneck=16, num_blocks=2,
+                               init_std=0.2, seed=3).to(device).eval()
+    with torch.no_grad():
+        points0 = network(torch.zeros(1, device=device))[0]
+        gaussians = NPGGaussians.from_points(points0, sh_degree=1, init_opacity=0.6).to(device)
+        gaussians.sh_rest.normal_(0.0, 0.2)
+        gaussians.quats.normal_()
+    gaussians.active_sh_degree = 1
+    w2c = torch.eye(4)
+    w2c[2, 3] = 4.0
+    cameras = [Camera.from_fov(w2c, 0.45, 0.4, 48, 40).to(device), Camera.from_fov(w2c, 0.5, 0.5, 33, 31).to(device)]
+    return network, gaussians, cameras
+
+
+def test_frame_renderer_matches_the_model_render_and_checks_its_time():
+    from npg.render import FrameRenderer
+
+    network, gaussians, cameras = small_model("cpu")
+    renderer = FrameRenderer(gaussians, network)
+    for time, camera in zip((0.1, 0.7, 0.1), cameras + cameras[:1]):
+        expected = gaussians.render(network(torch.tensor([time]))[0], camera)
+        got = renderer.render(time, camera)
+        assert expected.color.abs().max() > 0.05  # the object is in view
+        torch.testing.assert_close(got.color, expected.color)
+        torch.testing.assert_close(got.alpha, expected.alpha)
+    with pytest.raises(ValueError, match="time must be finite"):
+        renderer.render(float("nan"), cameras[0])
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):
+        FrameRenderer(gaussians, network, use_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_frame_renderer_graph_replays_what_eager_rendering_gives():
+    from npg.render import FrameRenderer
+
+    network, gaussians, cameras = small_model("cuda")
+    graph, eager = FrameRenderer(gaussians, network), FrameRenderer(gaussians, network, use_graph=False)
+    assert graph.use_graph and not eager.use_graph
+    for time, camera in zip((0.0, 0.55, 0.9, 0.55), cameras * 2):
+        for got, expected in zip(graph.pose(time), eager.pose(time)):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(graph.render(time, camera).color, eager.render(time, camera).color, rtol=1e-5, atol=1e-6)

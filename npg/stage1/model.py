@@ -136,9 +136,10 @@ class DeformationModel(nn.Module):
             encoded = torch.cat([encoded, self._frame_code(times)], dim=-1)
         return encoded
 
-    def coefficients(self, times: torch.Tensor) -> torch.Tensor:
-        """α(t) for dataset times [B] in [0, 1] -> [B, K]."""
-        times = self._check_times(times)
+    def coefficients(self, times: torch.Tensor, validate: bool = True) -> torch.Tensor:
+        """α(t) for dataset times [B] in [0, 1] -> [B, K]. ``validate=False`` skips the finiteness test
+        of ``times`` (a host sync for device tensors; a caller that checked them, or a CUDA graph)."""
+        times = self._check_times(times, check_finite=validate)
         h = F.leaky_relu(self.stem(self.encode(times)), 0.01)
         return self.head(self.blocks(h))
 
@@ -146,17 +147,18 @@ class DeformationModel(nn.Module):
         """[B, K] -> [B, N, 3]."""
         return torch.einsum("bk,knc->bnc", coefficients, self.basis)
 
-    def forward(self, times: torch.Tensor) -> torch.Tensor:
-        """Dataset times [B] (float in [0, 1]) -> points [B, N, 3]; differentiable."""
-        return self.points_from_coefficients(self.coefficients(times))
+    def forward(self, times: torch.Tensor, validate: bool = True) -> torch.Tensor:
+        """Dataset times [B] (float in [0, 1]) -> points [B, N, 3]; differentiable. ``validate``: as
+        for ``coefficients``."""
+        return self.points_from_coefficients(self.coefficients(times, validate=validate))
 
-    def _check_times(self, times) -> torch.Tensor:
+    def _check_times(self, times, check_finite: bool = True) -> torch.Tensor:
         times = torch.as_tensor(times, dtype=self.basis.dtype, device=self.basis.device)
         if times.dim() == 0:
             times = times[None]
         if times.dim() != 1:
             raise ValueError(f"times must be a 1-D tensor [B], got shape {tuple(times.shape)}")
-        if not torch.isfinite(times).all():
+        if check_finite and not torch.isfinite(times).all():
             raise ValueError("times hold NaN or Inf")
         return times
 

@@ -296,9 +296,25 @@ def load_trained(out_dir, device="cpu"):
     stage1_model, _, _ = load_stage1_model(out_dir / "stage1", device)
     stage1_model.load_state_dict(checkpoint["stage1_state"])
     stage1_model.eval()
+    _check_finite_state(gaussians, stage1_model, out_dir / "stage2" / "checkpoint.pt")
     info = dict(checkpoint["run"])
     info.update(step=checkpoint["step"], finished=checkpoint["finished"], config=checkpoint["config"])
     return gaussians, stage1_model, info
+
+
+def _check_finite_state(gaussians: NPGGaussians, stage1_model, path: Path) -> None:
+    """One finiteness test of every loaded tensor, so that rendering can skip the per-frame checks
+    (a host sync each) on what it renders from them."""
+    named = [(f"gaussians.{name}", getattr(gaussians, name)) for name in PARAMETER_NAMES]
+    named += [("gaussians.static_points", gaussians.static_points)]
+    named += [(f"stage1.{name}", tensor) for name, tensor in stage1_model.state_dict().items() if tensor.is_floating_point()]
+    named = [(name, tensor) for name, tensor in named if tensor.numel() > 0]
+    if not named:
+        return
+    finite = torch.stack([torch.isfinite(tensor).all() for _, tensor in named]).tolist()
+    bad = [name for (name, _), ok in zip(named, finite) if not ok]
+    if bad:
+        raise RuntimeError(f"{path} holds NaN or Inf in {', '.join(bad)}: the run diverged or the file is corrupt")
 
 
 # ---------------------------------------------------------------------------------------- training
