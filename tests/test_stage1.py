@@ -335,6 +335,25 @@ def test_flow_consistency_loss_matches_explicit_sum():
     torch.testing.assert_close(grad_ours, grad_expected)
 
 
+def test_coverage_loss_matches_explicit_sum_and_checks_shapes():
+    generator = torch.Generator().manual_seed(3)
+    alpha = torch.rand(3, 1, 7, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    masks = torch.rand(3, 7, 5, generator=generator) > 0.5
+    ours = losses.coverage_loss(alpha, masks)
+    total = 0.0
+    for b in range(3):
+        for y in range(7):
+            for x in range(5):
+                total = total + (alpha[b, 0, y, x] - float(masks[b, y, x])) ** 2
+    expected = total / (3 * 7 * 5)
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(torch.autograd.grad(ours, alpha)[0], torch.autograd.grad(expected, alpha)[0])
+    with pytest.raises(ValueError, match="alpha must be"):
+        losses.coverage_loss(alpha[:, 0], masks)
+    with pytest.raises(ValueError, match="alpha must be"):
+        losses.coverage_loss(alpha, masks[:2])
+
+
 def test_project_matches_camera():
     from npg.camera import Camera
 
@@ -399,7 +418,7 @@ def set_bad_cloud(trainer: Stage1Trainer, behind_camera: bool) -> None:
         model.head.bias[1] = -(features.mean(0) @ direction) / spread
 
 
-@pytest.mark.parametrize("term", ["silhouette", "depth", "rigidity", "flow"])
+@pytest.mark.parametrize("term", ["silhouette", "depth", "rigidity", "flow", "coverage"])
 def test_each_loss_term_falls_when_trained(term, tiny_scene, tmp_path):
     """Trained alone from a bad state, each term falls over all training frames (through the whole
     pipeline: model, projection, kNN, splatting, warping)."""
@@ -411,6 +430,23 @@ def test_each_loss_term_falls_when_trained(term, tiny_scene, tmp_path):
     trainer.train()
     after = trainer.evaluate_losses()[term]
     assert after < 0.9 * before, f"{term} did not fall: {before} -> {after}"
+
+
+@pytest.mark.parametrize("edge_windows", [True, False])
+def test_windows_cover_the_frames_of_a_pass_evenly(edge_windows, tiny_scene, tmp_path):
+    trainer = Stage1Trainer(tiny_scene, tmp_path, tiny_config(edge_windows=edge_windows))
+    frames, window = len(trainer.data), trainer.window
+    passes = frames + window - 1 if edge_windows else frames - window + 1
+    counts = torch.zeros(frames, dtype=torch.long)
+    for _ in range(passes):
+        batch = trainer.next_window()
+        assert len(batch) >= 1 and torch.equal(batch, torch.arange(int(batch[0]), int(batch[-1]) + 1))
+        counts[batch] += 1
+    assert not trainer.pending_windows  # one pass drawn, no start twice
+    if edge_windows:  # every frame in exactly `window` windows
+        assert torch.equal(counts, torch.full((frames,), window))
+    else:  # full windows only: the first and last frames in one window each
+        assert counts[0] == counts[-1] == 1 and counts.max() == window
 
 
 def test_training_run_lowers_the_total_and_export_round_trips(tiny_scene, tmp_path):

@@ -6,6 +6,7 @@
 - ``rigidity_loss``: local rigidity against the reference frame over its k nearest neighbours.
 - ``flow_consistency_loss``: features splatted at frame f+1, warped back to f with the forward optical
   flow, against the features splatted at f; masked soft-Huber normalised by mask pixels.
+- ``coverage_loss``: the splatted cloud's alpha against the mask, squared error per pixel.
 
 None of them builds a dense N×N or N×M matrix; the tests compare each against a plain dense PyTorch
 formulation at small sizes.
@@ -134,3 +135,11 @@ def flow_consistency_loss(
     penalty = soft_huber((rendered - warped) * weight, eps)
     per_pair = penalty.flatten(1).sum(1) / weight.flatten(1).sum(1).clamp(min=1.0)
     return per_pair.mean()
+
+
+def coverage_loss(alpha: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """mean((alpha − mask)²) over frames and pixels. alpha [B, 1, H, W] splatted coverage in [0, 1];
+    masks [B, H, W] bool silhouettes."""
+    if alpha.dim() != 4 or alpha.shape[1] != 1 or masks.shape != (alpha.shape[0], *alpha.shape[2:]):
+        raise ValueError(f"alpha must be [B, 1, H, W] and masks [B, H, W] alike, got {tuple(alpha.shape)} and {tuple(masks.shape)}")
+    return (alpha[:, 0] - masks.to(alpha.dtype)).square().mean()

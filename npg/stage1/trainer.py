@@ -76,11 +76,16 @@ class Stage1Config:
     flows_from: Optional[str] = None  # folder of external forward flows (.npy/.pt/.flo), else OpenCV DIS
     reference_frame: Optional[int] = None  # index into the time-sorted training frames; per-scene, else the middle one
     window: int = 10  # consecutive frames per batch (plus the reference frame)
+    # Windows that run over the first or last frame, cut at it, so that every frame is drawn equally
+    # often. Full windows only (the original) draw the first and last frames `window` times less
+    # often than the middle ones; their fit lags (see next_window).
+    edge_windows: bool = True
     # losses (weights of the original NPG)
     w_silhouette: float = 5.0
     w_depth: float = 100.0
     w_rigidity: Optional[float] = None  # 5e7; 5e6 for jumpingjacks
     w_flow: float = 10.0
+    w_coverage: float = 0.0  # splatted alpha against the mask (squared error, mean over pixels); not in the original
     rigidity_k: Optional[int] = None  # 10; 20 for lego
     knn_every: int = 1  # recompute the reference-frame kNN every this many iterations
     huber_eps: float = 0.01
@@ -89,6 +94,9 @@ class Stage1Config:
     chamfer_reference_width: float = 800.0
     splat_scale: float = 1.0  # flow splats: radius = this × RMS distance to the 3 nearest neighbours
     splat_opacity: float = 0.9
+    # Coverage splats: smaller than the flow splats, whose 3-sigma footprint spreads the alpha of a
+    # well-fitted cloud over about 17% of the background (0.35: about 4% outside, 0.9 inside the mask).
+    coverage_splat_scale: float = 0.35
     # optimisation
     # On the CPU test beds (generated_arc tiny, lego tiny; 300-1000 points) every metric plateaus by
     # ~1000-2000 iterations of this schedule (the original runs 100k); 10k leaves a wide margin for
@@ -125,7 +133,7 @@ class Stage1Config:
             raise ValueError(f"window must be >= 2 (the flow loss needs pairs of frames), got {self.window}")
         if self.num_points < 4:
             raise ValueError(f"num_points must be >= 4, got {self.num_points}")
-        for name in ("lr", "huber_eps", "splat_scale", "iou_splat_scale", "chamfer_reference_width"):
+        for name in ("lr", "huber_eps", "splat_scale", "coverage_splat_scale", "iou_splat_scale", "chamfer_reference_width"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.splat_opacity < 1:
@@ -306,7 +314,7 @@ def project(points: torch.Tensor, w2c: torch.Tensor, intrinsics: torch.Tensor):
 
 # -------------------------------------------------------------------------------------------- trainer
 
-LOSS_NAMES = ("silhouette", "depth", "rigidity", "flow")
+LOSS_NAMES = ("silhouette", "depth", "rigidity", "flow", "coverage")
 CHECKPOINT_NAME = "checkpoint.pt"
 # Config fields that may change between a run and its resumption.
 RUN_ONLY_KEYS = {
@@ -379,7 +387,7 @@ class Stage1Trainer:
     ) -> dict[str, torch.Tensor]:
         """Unweighted loss terms for training frames ``frames`` [B] (a CPU index tensor, sorted) and
         the reference frame; flow pairs are (frames[i], frames[i]+1) for consecutive entries.
-        ``skip_unweighted``: leave the splatting out (flow = 0) when ``w_flow`` is 0."""
+        ``skip_unweighted``: leave out the splatting of a term whose weight is 0 (that term = 0)."""
         config, data = self.config, self.data
         frame_list = frames.tolist()
         pairs = [i for i in range(len(frame_list) - 1) if frame_list[i + 1] == frame_list[i] + 1]
@@ -399,12 +407,14 @@ class Stage1Trainer:
         neighbor_dist2, neighbor_idx = self.neighbors
         terms["rigidity"] = losses.rigidity_loss(frame_points, reference_points, neighbor_idx)
 
-        terms["flow"] = points.new_zeros(())
-        if skip_unweighted and config.w_flow == 0:
-            return terms
-        if pairs:
+        terms["flow"] = terms["coverage"] = points.new_zeros(())
+        cameras = [data.cameras[i] for i in frame_list]
+        if config.w_coverage > 0 or not skip_unweighted:
+            scales = spacing_scales(neighbor_dist2, config.coverage_splat_scale)
+            _, alpha = splat_frames(frame_points, self.model.features, cameras, scales, config.splat_opacity)
+            terms["coverage"] = losses.coverage_loss(alpha, data.masks[frames])
+        if pairs and (config.w_flow > 0 or not skip_unweighted):
             scales = spacing_scales(neighbor_dist2, config.splat_scale)
-            cameras = [data.cameras[i] for i in frame_list]
             rendered, _ = splat_frames(frame_points, self.model.features, cameras, scales, config.splat_opacity)
             first = torch.tensor(pairs, device=self.device)
             terms["flow"] = losses.flow_consistency_loss(
@@ -419,6 +429,7 @@ class Stage1Trainer:
             + c.w_depth * terms["depth"]
             + c.w_rigidity * terms["rigidity"]
             + c.w_flow * terms["flow"]
+            + c.w_coverage * terms["coverage"]
         )
 
     @torch.no_grad()
@@ -443,12 +454,16 @@ class Stage1Trainer:
 
     def next_window(self) -> torch.Tensor:
         """The next window of consecutive frames: window starts are drawn without replacement from a
-        shuffled list, reshuffled when exhausted (every start visited once per pass)."""
+        shuffled list, reshuffled when exhausted (every start visited once per pass). With
+        ``edge_windows`` the starts run from 1 - window to the last frame and each window is cut to
+        the frames that exist, so every frame is in exactly ``window`` windows per pass."""
+        count = len(self.data)
         if not self.pending_windows:
-            starts = len(self.data) - self.window + 1
-            self.pending_windows = torch.randperm(starts, generator=self.sampler).tolist()
+            first = 1 - self.window if self.config.edge_windows else 0
+            starts = torch.arange(first, count - self.window + 1 if first == 0 else count)
+            self.pending_windows = starts[torch.randperm(len(starts), generator=self.sampler)].tolist()
         start = self.pending_windows.pop()
-        return torch.arange(start, start + self.window)
+        return torch.arange(max(start, 0), min(start + self.window, count))
 
     def train(self, callback: Callable[[int, dict], None] | None = None) -> None:
         """Run (or resume) the loop up to ``config.iterations``. ``callback(iteration, terms)`` is called

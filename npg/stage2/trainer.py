@@ -60,8 +60,12 @@ class Stage2Config:
     opacity_lr: float = 0.05
     scaling_lr: float = 0.005
     rotation_lr: float = 0.001
-    stage1_lr_init: float = 1.6e-4  # 0 freezes the stage-1 network
-    stage1_lr_final: float = 1.6e-6
+    # Stage-1 network fine-tuning, exponential decay; 0 freezes it. 1e-3 -> 1e-5 against the 3DGS
+    # position rate (1.6e-4 -> 1.6e-6): generated_arc test PSNR 22.70 -> 23.75 dB on one shared stage-1
+    # cloud (H100, fast preset, 8000 steps, w_reg 0.1). w_reg 0.01 on top gave 24.10 dB on arc but
+    # 19.47 against 20.00 dB on generated_static, so w_reg keeps the original's 0.1.
+    stage1_lr_init: float = 1e-3
+    stage1_lr_final: float = 1e-5
     # loss
     lambda_dssim: float = 0.2
     w_reg: float = 0.1
