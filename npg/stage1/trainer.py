@@ -78,7 +78,8 @@ class Stage1Config:
     window: int = 10  # consecutive frames per batch (plus the reference frame)
     # Windows that run over the first or last frame, cut at it, so that every frame is drawn equally
     # often. Full windows only (the original) draw the first and last frames `window` times less
-    # often than the middle ones; their fit lags (see next_window).
+    # often than the middle ones; their fit lags (see next_window). H100, fast preset, 2 seeds: stage-2
+    # test PSNR 23.82/24.28 -> 24.00/24.38 dB on generated_arc, 19.81/19.74 -> 19.94/19.97 on generated_static.
     edge_windows: bool = True
     # losses (weights of the original NPG)
     w_silhouette: float = 5.0
