@@ -579,3 +579,36 @@ def test_frame_renderer_graph_replays_what_eager_rendering_gives():
         for got, expected in zip(graph.pose(time), eager.pose(time)):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(graph.render(time, camera).color, eager.render(time, camera).color, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- stage-1 fine-tuning
+@pytest.mark.parametrize("basis_scale, network_scale", [(1.0, 1.0), (2.0, 0.0), (0.0, 0.5), (0.0, 0.0)])
+def test_stage1_fine_tuning_groups_move_only_the_parts_given_a_rate(basis_scale, network_scale):
+    from types import SimpleNamespace
+
+    from npg.stage2.trainer import make_stage1_optimizer, update_learning_rates
+
+    network, _, _ = small_model("cpu")
+    config = tiny_stage2_config(stage1_lr_init=1e-2, stage1_lr_final=1e-4,
+                                stage1_basis_lr_scale=basis_scale, stage1_network_lr_scale=network_scale)
+    optimizer = make_stage1_optimizer(network, config, "cpu")
+    if basis_scale == network_scale == 0:
+        assert optimizer is None
+        assert not any(p.requires_grad for p in network.parameters())
+        return
+    update_learning_rates(SimpleNamespace(param_groups=[]), optimizer, config.iterations, config)
+    expected = {name: pytest.approx(1e-4 * scale) for name, scale in (("basis", basis_scale), ("network", network_scale)) if scale > 0}
+    assert {group["name"]: group["lr"] for group in optimizer.param_groups} == expected
+    update_learning_rates(SimpleNamespace(param_groups=[]), optimizer, 0, config)
+    before = {name: p.detach().clone() for name, p in network.named_parameters()}
+    network(torch.tensor([0.3, 0.7])).square().sum().backward()
+    optimizer.step()
+    for name, param in network.named_parameters():
+        scale = basis_scale if name == "basis" else network_scale
+        assert param.requires_grad == (scale > 0), name
+        assert torch.equal(param.detach(), before[name]) == (scale == 0), name
+
+
+def test_stage1_fine_tuning_rates_must_not_be_negative():
+    with pytest.raises(ValueError, match="stage1_network_lr_scale must be >= 0"):
+        tiny_stage2_config(stage1_network_lr_scale=-1.0).validate()

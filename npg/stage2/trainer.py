@@ -66,6 +66,11 @@ class Stage2Config:
     # 19.47 against 20.00 dB on generated_static, so w_reg keeps the original's 0.1.
     stage1_lr_init: float = 1e-3
     stage1_lr_final: float = 1e-5
+    # The stage-1 rate × these for its basis shapes B (shared by all frames: a correction there moves
+    # every frame alike) and for its MLP (per-time coefficients α(t), which can bend each frame to its
+    # own view); 0 freezes that part.
+    stage1_basis_lr_scale: float = 1.0
+    stage1_network_lr_scale: float = 1.0
     # loss
     lambda_dssim: float = 0.2
     w_reg: float = 0.1
@@ -104,6 +109,9 @@ class Stage2Config:
         for name in ("sh_increase_every", "densification_interval", "opacity_reset_interval", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("stage1_lr_init", "stage1_lr_final", "stage1_basis_lr_scale", "stage1_network_lr_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.downsample is not None and self.downsample < 1:
             raise ValueError(f"downsample must be >= 1, got {self.downsample}")
         if self.max_image_size < 1:
@@ -261,6 +269,23 @@ def fused_adam(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def make_stage1_optimizer(stage1_model, config: Stage2Config, device):
+    """Adam over the stage-1 parameters in two groups, "basis" and "network" (the MLP and any frame
+    embedding), each at ``stage1_lr × its scale``; a group at rate 0 is frozen (no gradient), and
+    ``None`` when both are."""
+    named = list(stage1_model.named_parameters())
+    basis = [p for name, p in named if name == "basis"]
+    network = [p for name, p in named if name != "basis"]
+    groups = []
+    for name, params, scale in (("basis", basis, config.stage1_basis_lr_scale), ("network", network, config.stage1_network_lr_scale)):
+        rate = config.stage1_lr_init * scale
+        for param in params:
+            param.requires_grad_(rate > 0)
+        if rate > 0 and params:
+            groups.append({"params": params, "lr": rate, "scale": scale, "name": name})
+    return torch.optim.Adam(groups, fused=fused_adam(device)) if groups else None
+
+
 def update_learning_rates(optimizer, stage1_optimizer, step: int, config: Stage2Config) -> float:
     max_steps = config.position_lr_max_steps or config.iterations
     logits_lr = expon_lr(step, config.position_lr_init, config.position_lr_final, max_steps) * config.logits_lr_scale
@@ -270,7 +295,7 @@ def update_learning_rates(optimizer, stage1_optimizer, step: int, config: Stage2
     if stage1_optimizer is not None:
         stage1_lr = expon_lr(step, config.stage1_lr_init, config.stage1_lr_final, max_steps)
         for group in stage1_optimizer.param_groups:
-            group["lr"] = stage1_lr
+            group["lr"] = stage1_lr * group["scale"]
     return logits_lr
 
 
@@ -417,13 +442,7 @@ def train_stage2(scene_dir, out_dir, config: Stage2Config | None = None, stage1_
         stage1_model.load_state_dict(checkpoint["stage1_state"])
     stage1_model.train()
     optimizer = make_optimizer(gaussians, config)
-    stage1_optimizer = (
-        torch.optim.Adam(stage1_model.parameters(), lr=config.stage1_lr_init, fused=fused_adam(device))
-        if config.stage1_lr_init > 0
-        else None
-    )
-    if stage1_optimizer is None:
-        stage1_model.requires_grad_(False)
+    stage1_optimizer = make_stage1_optimizer(stage1_model, config, device)
     density = DensityController(
         gaussians.num_gaussians,
         device,
