@@ -432,6 +432,31 @@ def test_each_loss_term_falls_when_trained(term, tiny_scene, tmp_path):
     assert after < 0.9 * before, f"{term} did not fall: {before} -> {after}"
 
 
+def test_flow_pairs_whose_cameras_turn_too_far_are_dropped(tiny_scene, tmp_path):
+    from npg.stage1.trainer import flow_pairs_usable
+
+    def turned(degrees):  # world-to-camera of a camera turned about the world y axis
+        a = math.radians(degrees)
+        w2c = torch.eye(4)
+        w2c[:3, :3] = torch.tensor([[math.cos(a), 0.0, -math.sin(a)], [0.0, 1.0, 0.0], [math.sin(a), 0.0, math.cos(a)]])
+        w2c[:3, 3] = torch.tensor([0.1, -0.2, 4.0])
+        return w2c
+
+    w2c = torch.stack([turned(d) for d in (0.0, 10.0, 40.0, 45.0, 45.0)])
+    assert flow_pairs_usable(w2c, 20.0).tolist() == [True, False, True, True]
+    assert flow_pairs_usable(w2c, 35.0).tolist() == [True, True, True, True]
+    assert flow_pairs_usable(w2c, None).tolist() == [True] * 4
+    assert flow_pairs_usable(w2c[:1], 20.0).numel() == 0
+
+    frames = torch.arange(0, 4)
+    kept = Stage1Trainer(tiny_scene, tmp_path / "kept", tiny_config(flow_max_view_change_deg=None))
+    assert all(kept.flow_pair_usable) and float(kept.batch_losses(frames)["flow"]) > 0
+    dropped = Stage1Trainer(tiny_scene, tmp_path / "dropped", tiny_config(flow_max_view_change_deg=0.0))
+    assert not any(dropped.flow_pair_usable) and float(dropped.batch_losses(frames)["flow"]) == 0
+    with pytest.raises(ValueError, match="flow_max_view_change_deg"):
+        tiny_config(flow_max_view_change_deg=-1.0).validate()
+
+
 @pytest.mark.parametrize("edge_windows", [True, False])
 def test_windows_cover_the_frames_of_a_pass_evenly(edge_windows, tiny_scene, tmp_path):
     trainer = Stage1Trainer(tiny_scene, tmp_path, tiny_config(edge_windows=edge_windows))

@@ -86,6 +86,10 @@ class Stage1Config:
     w_depth: float = 100.0
     w_rigidity: Optional[float] = None  # 5e7; 5e6 for jumpingjacks
     w_flow: float = 10.0
+    # Consecutive frames whose optical axes turn by more than this (degrees) get no flow term: optical
+    # flow between such views (D-NeRF's cameras jump across the sphere from frame to frame) matches
+    # nothing. None: every pair.
+    flow_max_view_change_deg: Optional[float] = 20.0
     # Splatted alpha against the mask (squared error, mean over pixels); not in the original. H100, arc,
     # fast preset, w 1e4: held-out IoU 0.804 -> 0.828 but stage-2 test PSNR 24.00 -> 23.95 dB: off.
     w_coverage: float = 0.0
@@ -141,6 +145,8 @@ class Stage1Config:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.splat_opacity < 1:
             raise ValueError(f"splat_opacity must be in (0, 1), got {self.splat_opacity}")
+        if self.flow_max_view_change_deg is not None and not self.flow_max_view_change_deg >= 0:
+            raise ValueError(f"flow_max_view_change_deg must be >= 0 or None, got {self.flow_max_view_change_deg}")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.knn_every < 1:
             raise ValueError("checkpoint_every, log_every and knn_every must be >= 1")
 
@@ -297,6 +303,17 @@ def load_split(
     )
 
 
+def flow_pairs_usable(w2c: torch.Tensor, max_view_change_deg: float | None) -> torch.Tensor:
+    """w2c [F, 4, 4] of time-sorted frames -> [F-1] bool: frames i and i+1 look along optical axes
+    at most ``max_view_change_deg`` apart (all True for None)."""
+    count = w2c.shape[0] - 1
+    if max_view_change_deg is None or count < 1:
+        return torch.ones(max(count, 0), dtype=torch.bool)
+    axes = torch.nn.functional.normalize(w2c[:, 2, :3].double().cpu(), dim=-1)  # camera z in world, [F, 3]
+    cosine = (axes[:-1] * axes[1:]).sum(-1).clamp(-1.0, 1.0)
+    return torch.rad2deg(torch.acos(cosine)) <= max_view_change_deg
+
+
 MIN_DEPTH = 0.1  # world units; the projection divides by max(z, MIN_DEPTH)
 
 
@@ -382,6 +399,13 @@ class Stage1Trainer:
         self.pending_windows: list[int] = []
         self.neighbors: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (dist2, idx) of the reference
         self.pixel_scale = config.chamfer_reference_width / self.data.width
+        self.flow_pair_usable = flow_pairs_usable(self.data.w2c, config.flow_max_view_change_deg).tolist()  # [F-1]
+        dropped = len(self.flow_pair_usable) - sum(self.flow_pair_usable)
+        if dropped:
+            print(
+                f"npg stage 1: {dropped} of {len(self.flow_pair_usable)} consecutive training-frame pairs have "
+                f"cameras more than {config.flow_max_view_change_deg:g} degrees apart: no flow term on them"
+            )
 
     # ------------------------------------------------------------------------------- one batch
 
@@ -393,7 +417,10 @@ class Stage1Trainer:
         ``skip_unweighted``: leave out the splatting of a term whose weight is 0 (that term = 0)."""
         config, data = self.config, self.data
         frame_list = frames.tolist()
-        pairs = [i for i in range(len(frame_list) - 1) if frame_list[i + 1] == frame_list[i] + 1]
+        pairs = [
+            i for i in range(len(frame_list) - 1)
+            if frame_list[i + 1] == frame_list[i] + 1 and self.flow_pair_usable[frame_list[i]]
+        ]
         frames = frames.to(self.device)
         reference = config.reference_frame
         times = torch.cat([data.times[frames], data.times[reference : reference + 1]])
