@@ -68,7 +68,10 @@ class Stage2Config:
     stage1_lr_final: float = 1e-5
     # The stage-1 rate × these for its basis shapes B (shared by all frames: a correction there moves
     # every frame alike) and for its MLP (per-time coefficients α(t), which can bend each frame to its
-    # own view); 0 freezes that part.
+    # own view); 0 freezes that part. CPU probes, one stage-1 cloud each, test PSNR / SSIM for
+    # (basis, MLP) scales (1, 1) / (1, 0) / (1, 0.1): generated_arc 200 px, 1500 steps: 22.52 / 22.57 /
+    # 22.66 dB, SSIM 0.912 / 0.924 / 0.924 (train PSNR 29.4 / 25.1 / 26.3); dnerf_lego_tiny val, 2000
+    # steps: 20.48 / 20.73 / 20.51 dB. Within the 0.5 dB seed spread, so the defaults stay at 1.
     stage1_basis_lr_scale: float = 1.0
     stage1_network_lr_scale: float = 1.0
     # loss
