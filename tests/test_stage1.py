@@ -450,9 +450,9 @@ def test_flow_pairs_whose_cameras_turn_too_far_are_dropped(tiny_scene, tmp_path)
 
     frames = torch.arange(0, 4)
     kept = Stage1Trainer(tiny_scene, tmp_path / "kept", tiny_config(flow_max_view_change_deg=None))
-    assert all(kept.flow_pair_usable) and float(kept.batch_losses(frames)["flow"]) > 0
+    assert all(kept.flow_pair_usable) and float(kept.batch_losses(frames)["flow"].detach()) > 0
     dropped = Stage1Trainer(tiny_scene, tmp_path / "dropped", tiny_config(flow_max_view_change_deg=0.0))
-    assert not any(dropped.flow_pair_usable) and float(dropped.batch_losses(frames)["flow"]) == 0
+    assert not any(dropped.flow_pair_usable) and float(dropped.batch_losses(frames)["flow"].detach()) == 0
     with pytest.raises(ValueError, match="flow_max_view_change_deg"):
         tiny_config(flow_max_view_change_deg=-1.0).validate()
 
