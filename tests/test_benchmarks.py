@@ -1,5 +1,7 @@
 """Benchmark scripts that carry logic of their own: benchmarks/oracle.py (the true-motion stand-in for
-the stage-1 network on generated scenes) and benchmarks/train_speed.py (a smoke run on a tiny scene)."""
+the stage-1 network on generated scenes), benchmarks/train_speed.py (a smoke run on a tiny scene) and
+benchmarks/stage2_variants.py (stage-2 settings on one shared stage-1 cloud)."""
+import json
 import sys
 from pathlib import Path
 
@@ -73,3 +75,36 @@ def test_rate_clock_needs_a_warm_up_shorter_than_the_run():
     assert clock.rate() > 0 and set(clock.marks) == {2, 5}
     with pytest.raises(ValueError, match="warm-up"):
         RateClock(5, 5)
+
+
+def test_stage2_variants_share_one_stage1_cloud_and_report_failures(tmp_path):
+    from benchmarks.stage2_variants import parse_variant, run as run_variants
+    from npg.data.generate import make_scene
+
+    assert parse_variant("base:") == ("base", [])
+    assert parse_variant("frozen:stage1_lr_init=0, seed=2") == ("frozen", ["stage1_lr_init=0", "seed=2"])
+    for bad in ("no_colon", ":seed=1", "x:seed"):
+        with pytest.raises(ValueError, match="variant"):
+            parse_variant(bad)
+
+    scene = make_scene(tmp_path / "scene" / "arc", "generated_arc", "tiny", seed=0, progress=False)
+    variants = [("base", []), ("frozen", ["stage1_lr_init=0"]), ("typo", ["no_such_key=1"])]
+    tiny = dict(preset="cpu", stage1_sets=["num_points=200", "iterations=20", "max_image_size=64", "device=cpu"],
+                sets=["iterations=40", "max_image_size=64", "eval_every=20", "device=cpu"])
+    rows = run_variants(str(scene), variants, tmp_path / "work", parallel=2, out=tmp_path / "rows.json", **tiny)
+    assert [row["variant"] for row in rows] == ["base", "frozen", "typo"]
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows
+    base, frozen, typo = rows
+    for row in (base, frozen):
+        assert "error" not in row and 5.0 < row["psnr"] < 60.0 and row["eval_curve"][-1][0] == 40
+    assert "exited with" in typo["error"] and "psnr" not in typo
+    # both read the same cloud: stage 1 ran once, and the frozen variant kept its network as trained
+    shared = tmp_path / "work" / "stage2_variants" / "arc" / "stage1" / "checkpoint.pt"
+    trained = torch.load(shared, map_location="cpu", weights_only=False)["model"]["basis"]
+    kept = torch.load(tmp_path / "work" / "stage2_variants" / "arc__frozen" / "stage2" / "checkpoint.pt",
+                      map_location="cpu", weights_only=False)["stage1_state"]["basis"]
+    assert torch.equal(trained, kept)
+    late = run_variants(str(scene), [("late", [])], tmp_path / "work", deadline_min=0.0, out=tmp_path / "late.json", **tiny)
+    assert "killed at the deadline" in late[0]["error"]
+    with pytest.raises(ValueError, match="unique"):
+        run_variants(str(scene), [("a", []), ("a", [])], tmp_path / "work")
