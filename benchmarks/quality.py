@@ -92,7 +92,7 @@ def run_scene(name: str, work: Path, preset: str, overrides: list[str]) -> dict:
         fps_800=round(metrics[f"fps_{FPS_SIZE}"], 1),
         fps_eval=round(metrics["fps"], 1),
         device=metrics["device"],
-        eval_curve=_eval_curve(out / "stage2" / "log.csv"),
+        eval_curve=eval_curve(out / "stage2" / "log.csv"),
         train_psnr=stage2.get("train_psnr"),
         stage1_iou_val=stage1.get("iou_val"),
         stage1_iou_val_truth=stage1.get("iou_val_truth"),
@@ -103,9 +103,12 @@ def run_scene(name: str, work: Path, preset: str, overrides: list[str]) -> dict:
     return row
 
 
-def _eval_curve(log_path: Path) -> list:
+def eval_curve(log_path: Path) -> list:
+    """[[step, eval PSNR], ...] from a stage-2 log.csv ([] when there is none yet)."""
     import csv
 
+    if not Path(log_path).exists():
+        return []
     with open(log_path, newline="") as handle:
         return [[int(r["step"]), float(r["eval_psnr"])] for r in csv.DictReader(handle) if r.get("eval_psnr")]
 

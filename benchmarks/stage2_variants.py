@@ -18,7 +18,6 @@ with the eval curve it reached), all in one JSON file.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import subprocess
@@ -31,7 +30,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import device_name, format_table, write_json  # noqa: E402
-from benchmarks.quality import EVAL_SPLIT, PROTOCOL_SIZE, scene_folder  # noqa: E402
+from benchmarks.quality import EVAL_SPLIT, PROTOCOL_SIZE, eval_curve, scene_folder  # noqa: E402
 
 RESULTS = HERE / "results" / "stage2_variants.json"
 COLUMNS = ["variant", "split", "psnr", "ssim", "train_psnr", "gaussians", "stage2_min", "error"]
@@ -47,13 +46,6 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     if bad:
         raise ValueError(f"variant {name!r}: {bad[0]!r} is not KEY=VALUE")
     return name.strip(), items
-
-
-def _eval_curve(log_path: Path) -> list:
-    if not log_path.exists():
-        return []
-    with open(log_path, newline="") as handle:
-        return [[int(r["step"]), float(r["eval_psnr"])] for r in csv.DictReader(handle) if r.get("eval_psnr")]
 
 
 def _train_argv(scene: Path, out: Path, stage: int, preset: str, settings: list[str]) -> list[str]:
@@ -112,7 +104,7 @@ def run(scene_name: str, variants: list[tuple[str, list[str]]], work, preset: st
         code, minutes = finished[name]
         run_dir = shared.parent / f"{scene.name}__{name}"
         row = {"scene": scene.name, "variant": name, "overrides": list(sets) + overrides, "split": split, "preset": preset,
-               "stage2_min": round(minutes, 3), "eval_curve": _eval_curve(run_dir / "stage2" / "log.csv"), "device": device_name()}
+               "stage2_min": round(minutes, 3), "eval_curve": eval_curve(run_dir / "stage2" / "log.csv"), "device": device_name()}
         if code != 0:
             reason = "killed at the deadline" if code is None else f"npg-train exited with {code}"
             row["error"] = f"{reason}; see {run_dir / 'train.log'}"
