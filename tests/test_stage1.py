@@ -360,7 +360,10 @@ def test_project_matches_camera():
     w2c = torch.eye(4)
     w2c[:3, 3] = torch.tensor([0.1, -0.2, 4.0])
     camera = Camera(w2c=w2c, fx=50.0, fy=55.0, cx=31.5, cy=30.5, width=64, height=62)
-    points = torch.randn(1, 20, 3)
+    # depths 1-7: clear of MIN_DEPTH, below which project clamps z and Camera.project does not (an unseeded draw once
+    # put a point at depth 0.04)
+    points = torch.randn(1, 20, 3, generator=torch.Generator().manual_seed(0))
+    points[..., 2] = points[..., 2].clamp(-3.0, 3.0)
     pixels, depth = project(points, w2c[None], torch.tensor([[50.0, 55.0, 31.5, 30.5]]))
     expected_pixels, expected_depth = camera.project(points[0])
     torch.testing.assert_close(pixels[0], expected_pixels)

@@ -438,6 +438,25 @@ def test_end_to_end_writes_everything_and_beats_the_mean_image(trained_run, tiny
     assert metrics["psnr"] > baseline + 1.0, (metrics["psnr"], baseline)
 
 
+def test_stage2_reports_the_refit_cloud_against_the_true_surface(trained_run, tiny_scene, tmp_path):
+    import shutil
+
+    from npg.stage2.trainer import train_stage2
+
+    stage1 = json.loads((trained_run / "stage1" / "metrics.json").read_text())
+    refit = json.loads((trained_run / "stage2" / "metrics.json").read_text())
+    assert np.isfinite(refit["refit_track_error_rel"]) and refit["refit_surface_chamfer_rel"] > 0
+    assert refit["refit_track_error_rel"] != pytest.approx(stage1["track_error_rel"], rel=1e-6)  # the re-fit moved it
+
+    # with the stage-1 network frozen, the re-fitted cloud is stage 1's own: the same numbers
+    frozen = tmp_path / "frozen"
+    shutil.copytree(trained_run / "stage1", frozen / "stage1")
+    train_stage2(tiny_scene, frozen, tiny_stage2_config(iterations=3, stage1_basis_lr_scale=0, stage1_network_lr_scale=0))
+    measured = json.loads((frozen / "stage2" / "metrics.json").read_text())
+    for key in ("surface_chamfer", "surface_chamfer_rel", "track_error", "track_error_rel"):
+        assert measured[f"refit_{key}"] == pytest.approx(stage1[key], rel=1e-4), key
+
+
 class SimulatedKill(Exception):
     pass
 

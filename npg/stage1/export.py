@@ -295,31 +295,38 @@ def surface_metrics(trainer, samples_per_frame: int = 20000) -> dict:
     The true surface is sampled with ``samples_per_frame`` points, area-weighted over the triangles
     (the same triangles and barycentric coordinates in every frame, so the samples move with it).
     """
+    return deformation_surface_metrics(trainer.model, trainer.scene_dir, trainer.data.times,
+                                       trainer.config.reference_frame, trainer.device, samples_per_frame)
+
+
+def deformation_surface_metrics(model, scene_dir, times, reference_frame: int, device,
+                                samples_per_frame: int = 20000) -> dict:
+    """``surface_metrics`` for any deformation model (``model(times [B]) -> [B, N, 3]``) at the
+    training-frame ``times`` [F] of ``scene_dir``, each point tracked from the true surface point
+    nearest to it in frame ``reference_frame``; {} for scenes without ground truth."""
     from npg.neighbors import knn
 
     try:
         from npg.data.generate import load_ground_truth
 
-        truth = load_ground_truth(trainer.scene_dir, "train")
+        truth = load_ground_truth(scene_dir, "train")
     except (ImportError, FileNotFoundError):
         return {}
-    data, model = trainer.data, trainer.model
     vertices = torch.as_tensor(truth["vertices"], dtype=torch.float32)
     faces = torch.as_tensor(truth["faces"], dtype=torch.int64)
-    if len(vertices) != len(data):
-        return {"notes": [f"ground truth has {len(vertices)} train frames, the scene {len(data)}: surface chamfer skipped"]}
+    if len(vertices) != len(times):
+        return {"notes": [f"ground truth has {len(vertices)} train frames, the scene {len(times)}: surface chamfer skipped"]}
     sample = surface_sampler(vertices[0], faces, samples_per_frame)
 
-    reference = trainer.config.reference_frame
     distances, diagonals, track = [], [], []
     with torch.no_grad():
-        surface = sample(vertices[reference]).to(trainer.device).contiguous()
-        points = model(data.times[reference : reference + 1])[0].contiguous()
+        surface = sample(vertices[reference_frame]).to(device).contiguous()
+        points = model(times[reference_frame : reference_frame + 1])[0].contiguous()
         _, attached = knn(surface, 1, queries=points)  # the true surface point each point stands for
         attached = attached[:, 0].long()
-        for index in range(len(data)):
-            surface = sample(vertices[index]).to(trainer.device).contiguous()
-            points = model(data.times[index : index + 1])[0].contiguous()
+        for index in range(len(times)):
+            surface = sample(vertices[index]).to(device).contiguous()
+            points = model(times[index : index + 1])[0].contiguous()
             to_surface, _ = knn(surface, 1, queries=points)
             to_points, _ = knn(points, 1, queries=surface)
             distances.append(0.5 * (to_surface.sqrt().mean() + to_points.sqrt().mean()).item())

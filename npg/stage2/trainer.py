@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from npg.config import apply_overrides, save_config
@@ -608,8 +609,26 @@ def train_stage2(scene_dir, out_dir, config: Stage2Config | None = None, stage1_
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "resolution": [views.cameras[0].width, views.cameras[0].height],
     }
+    metrics.update(refit_surface_metrics(scene_dir, stage1_model, export_times, stage1_dir, device))
     atomic_write_text(stage2_dir / "metrics.json", json.dumps(metrics, indent=2))
     return stage2_dir
+
+
+def refit_surface_metrics(scene_dir, stage1_model, export_times: torch.Tensor, stage1_dir: Path, device) -> dict:
+    """On generated scenes, the stage-1 cloud after stage 2 re-fitted it, against the true surface:
+    ``npg.stage1.export.surface_metrics``'s chamfer and track error (prefixed ``refit_``), to read
+    beside stage 1's own (``stage1/metrics.json``): does the photometric re-fit move the points
+    toward the surface or away? {} for scenes without ground truth or without a stage-1 export."""
+    from npg.stage1.export import deformation_surface_metrics
+
+    try:
+        with np.load(Path(stage1_dir) / "export.npz") as export:
+            reference_frame = int(export["reference_frame"])
+    except (OSError, KeyError, ValueError):
+        return {}
+    with torch.no_grad():
+        measured = deformation_surface_metrics(stage1_model, scene_dir, export_times, reference_frame, device)
+    return {f"refit_{key}": value for key, value in measured.items() if key != "notes"}
 
 
 def _initial_gaussians(config: Stage2Config, views: TrainingViews, reg_targets: torch.Tensor, device) -> NPGGaussians:
