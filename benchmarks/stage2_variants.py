@@ -12,7 +12,8 @@ as large as the effects of most stage-2 settings.
 ``--variant NAME:K=V,K=V`` takes stage-2 config keys; ``--set`` applies to every variant. The scene is
 a generated scene name, a folder of ``../shared/data/scenes`` or a path; it is evaluated on its
 protocol split (lego: val) at up to 400 px. Rows: {variant, overrides, split, psnr, ssim, train_psnr,
-gaussians, stage2_min, eval_curve, device} (+ error for a variant that failed or ran past the deadline,
+gaussians, stage2_min, eval_curve, device} (+ refit_* on generated scenes: the re-fitted stage-1 cloud
+against the true surface) (+ error for a variant that failed or ran past the deadline,
 with the eval curve it reached), all in one JSON file.
 """
 from __future__ import annotations
@@ -113,6 +114,7 @@ def run(scene_name: str, variants: list[tuple[str, list[str]]], work, preset: st
             stage2 = json.loads((run_dir / "stage2" / "metrics.json").read_text())
             row.update(psnr=round(metrics["psnr"], 3), ssim=round(metrics["ssim"], 4), train_psnr=stage2.get("train_psnr"),
                        gaussians=metrics["gaussians"], device=metrics["device"])
+            row.update({key: value for key, value in stage2.items() if key.startswith("refit_")})
         rows.append(row)
         write_json(rows, str(out))
     return rows

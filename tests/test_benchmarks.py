@@ -104,6 +104,10 @@ def test_stage2_variants_share_one_stage1_cloud_and_report_failures(tmp_path):
     kept = torch.load(tmp_path / "work" / "stage2_variants" / "arc__frozen" / "stage2" / "checkpoint.pt",
                       map_location="cpu", weights_only=False)["stage1_state"]["basis"]
     assert torch.equal(trained, kept)
+    # the frozen variant's re-fitted cloud is stage 1's, so its surface numbers are stage 1's
+    stage1 = json.loads((shared.parent / "metrics.json").read_text())
+    assert frozen["refit_track_error_rel"] == pytest.approx(stage1["track_error_rel"], rel=1e-4)
+    assert base["refit_track_error_rel"] != pytest.approx(stage1["track_error_rel"], rel=1e-6)
     late = run_variants(str(scene), [("late", [])], tmp_path / "work", deadline_min=0.0, out=tmp_path / "late.json", **tiny)
     assert "killed at the deadline" in late[0]["error"]
     with pytest.raises(ValueError, match="unique"):
