@@ -12,9 +12,9 @@ as large as the effects of most stage-2 settings.
 ``--variant NAME:K=V,K=V`` takes stage-2 config keys; ``--set`` applies to every variant. The scene is
 a generated scene name, a folder of ``../shared/data/scenes`` or a path; it is evaluated on its
 protocol split (lego: val) at up to 400 px. Rows: {variant, overrides, split, psnr, ssim, train_psnr,
-gaussians, stage2_min, eval_curve, device} (+ refit_* on generated scenes: the re-fitted stage-1 cloud
-against the true surface) (+ error for a variant that failed or ran past the deadline,
-with the eval curve it reached), all in one JSON file.
+gaussians, stage2_min, eval_curve, device}, + refit_* on generated scenes (the re-fitted stage-1 cloud
+against the true surface), + error for a variant that failed or ran past the deadline (with the eval
+curve it reached), all in one JSON file.
 """
 from __future__ import annotations
 

@@ -626,8 +626,7 @@ def refit_surface_metrics(scene_dir, stage1_model, export_times: torch.Tensor, s
             reference_frame = int(export["reference_frame"])
     except (OSError, KeyError, ValueError):
         return {}
-    with torch.no_grad():
-        measured = deformation_surface_metrics(stage1_model, scene_dir, export_times, reference_frame, device)
+    measured = deformation_surface_metrics(stage1_model, scene_dir, export_times, reference_frame, device)
     return {f"refit_{key}": value for key, value in measured.items() if key != "notes"}
 
 
