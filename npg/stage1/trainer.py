@@ -85,6 +85,9 @@ class Stage1Config:
     w_silhouette: float = 5.0
     w_depth: float = 100.0
     w_rigidity: Optional[float] = None  # 5e7; 5e6 for jumpingjacks
+    # Neither the flow's accuracy nor its weight limits the motion: CPU, 200 px generated_arc, 1000
+    # points, 1500 iterations, lr 5e-4: track error 1.73% (DIS, weight 10), 1.74% (the renderer's
+    # true flow), 1.79% (weight 1000, DIS or true flow); held-out IoU 0.795-0.803.
     w_flow: float = 10.0
     # Consecutive frames whose optical axes turn by more than this (degrees) get no flow term: optical
     # flow between such views (D-NeRF's cameras jump across the sphere from frame to frame) matches
