@@ -25,6 +25,7 @@ from npg.stage1 import (
     train_stage1,
     write_ply_points,
 )
+from npg.chamfer import silhouette_chamfer
 from npg.stage1.export import export_stage1
 from npg.stage1.model import positional_encoding, time_to_tau
 from npg.stage1.trainer import LOSS_NAMES, lr_factor, main, project, resolve_config, scene_defaults
@@ -193,7 +194,8 @@ def dense_chamfer(points2d: torch.Tensor, mask: torch.Tensor):
     return d2.min(1).values.mean(), d2.min(0).values.mean()
 
 
-def test_silhouette_loss_matches_dense_chamfer():
+@pytest.mark.parametrize("point_to_mask_weight", [1.0, 4.0])
+def test_silhouette_loss_matches_dense_chamfer(point_to_mask_weight):
     generator = torch.Generator().manual_seed(0)
     masks = torch.zeros(3, 17, 23, dtype=torch.bool)
     masks[0, 3:9, 4:15] = True
@@ -201,9 +203,10 @@ def test_silhouette_loss_matches_dense_chamfer():
     masks[1, 1:3, 18:22] = True
     masks[2, 5, 7] = True
     points = (torch.rand(3, 40, 2, generator=generator) * torch.tensor([26.0, 20.0]) - 1.5).requires_grad_()
-    ours = losses.silhouette_loss(points, masks, pixel_scale=2.0)
+    ours = losses.silhouette_loss(points, masks, pixel_scale=2.0, point_to_mask_weight=point_to_mask_weight)
     reference_points = points.detach().clone().requires_grad_()
-    expected = sum(sum(dense_chamfer(p, m)) for p, m in zip(reference_points, masks)) * 4.0 / 3
+    halves = [dense_chamfer(p, m) for p, m in zip(reference_points, masks)]
+    expected = sum(point_to_mask_weight * p2m + m2p for p2m, m2p in halves) * 4.0 / 3
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
     ours.backward()
     expected.backward()
@@ -696,3 +699,19 @@ def test_track_error_sees_points_sliding_along_the_surface(tmp_path):
     assert drift_carried < 0.02, drift_carried
     mean_shift = shift * sum(range(frames)) / frames
     assert abs(drift_static - mean_shift) < 0.02, (drift_static, mean_shift)
+
+
+def test_silhouette_point_weight_reaches_the_loss(tiny_scene, tmp_path):
+    frames = torch.arange(0, 4)
+    terms = {}
+    for weight in (1.0, 3.0):
+        trainer = Stage1Trainer(tiny_scene, tmp_path / f"w{weight:g}", tiny_config(silhouette_point_weight=weight))
+        terms[weight] = float(trainer.batch_losses(frames)["silhouette"].detach())
+        pixels, _ = project(trainer.model(trainer.data.times[frames]), trainer.data.w2c[frames], trainer.data.intrinsics[frames])
+    point_to_mask = sum(
+        float(silhouette_chamfer(p, trainer.data.mask_pixels[i])[0]) for p, i in zip(pixels.detach(), frames.tolist())
+    ) * trainer.pixel_scale**2 / len(frames)
+    assert point_to_mask > 0
+    assert terms[3.0] == pytest.approx(terms[1.0] + 2.0 * point_to_mask, rel=1e-4)
+    with pytest.raises(ValueError, match="silhouette_point_weight"):
+        tiny_config(silhouette_point_weight=0.0).validate()

@@ -17,13 +17,16 @@ import torch
 from torch.nn import functional as F
 
 
-def silhouette_loss(points2d: torch.Tensor, masks, pixel_scale: float = 1.0) -> torch.Tensor:
-    """Mean over frames of (point→mask + mask→point) chamfer, in (pixel_scale·pixel)².
+def silhouette_loss(
+    points2d: torch.Tensor, masks, pixel_scale: float = 1.0, point_to_mask_weight: float = 1.0
+) -> torch.Tensor:
+    """Mean over frames of (point_to_mask_weight·point→mask + mask→point) chamfer, in (pixel_scale·pixel)².
 
     points2d [B, N, 2] pixel coordinates (x, y); masks [B, H, W] bool, or B masks prepared once by
     ``npg.chamfer.prepare_mask`` (what the trainer passes). ``pixel_scale`` expresses the distances in
     the pixels of another resolution (the trainer uses 800/W so that the original NPG weights hold
-    whatever resolution we train at).
+    whatever resolution we train at). ``point_to_mask_weight`` > 1 pulls points that project outside
+    the mask harder than it spreads points over the mask (the original: 1).
     """
     from npg.chamfer import silhouette_chamfer
 
@@ -38,7 +41,7 @@ def silhouette_loss(points2d: torch.Tensor, masks, pixel_scale: float = 1.0) -> 
     total = points2d.new_zeros(())
     for frame_points, mask in zip(points2d, masks):
         point_to_mask, mask_to_point = silhouette_chamfer(frame_points, mask, validate=False)
-        total = total + point_to_mask + mask_to_point
+        total = total + point_to_mask_weight * point_to_mask + mask_to_point
     return total * (pixel_scale**2) / points2d.shape[0]
 
 
