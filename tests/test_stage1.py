@@ -707,9 +707,10 @@ def test_silhouette_point_weight_reaches_the_loss(tiny_scene, tmp_path):
     for weight in (1.0, 3.0):
         trainer = Stage1Trainer(tiny_scene, tmp_path / f"w{weight:g}", tiny_config(silhouette_point_weight=weight))
         terms[weight] = float(trainer.batch_losses(frames)["silhouette"].detach())
+    with torch.no_grad():  # both trainers start from the same seeded model
         pixels, _ = project(trainer.model(trainer.data.times[frames]), trainer.data.w2c[frames], trainer.data.intrinsics[frames])
     point_to_mask = sum(
-        float(silhouette_chamfer(p, trainer.data.mask_pixels[i])[0]) for p, i in zip(pixels.detach(), frames.tolist())
+        float(silhouette_chamfer(p, trainer.data.mask_pixels[i])[0]) for p, i in zip(pixels, frames.tolist())
     ) * trainer.pixel_scale**2 / len(frames)
     assert point_to_mask > 0
     assert terms[3.0] == pytest.approx(terms[1.0] + 2.0 * point_to_mask, rel=1e-4)

@@ -156,7 +156,9 @@ class Stage1Config:
             raise ValueError(f"window must be >= 2 (the flow loss needs pairs of frames), got {self.window}")
         if self.num_points < 4:
             raise ValueError(f"num_points must be >= 4, got {self.num_points}")
-        for name in ("lr", "silhouette_point_weight", "huber_eps", "splat_scale", "coverage_splat_scale", "iou_splat_scale", "chamfer_reference_width"):
+        positive = ("lr", "silhouette_point_weight", "huber_eps", "splat_scale", "coverage_splat_scale",
+                    "iou_splat_scale", "chamfer_reference_width")
+        for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.splat_opacity < 1:
