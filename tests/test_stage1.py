@@ -380,8 +380,6 @@ def test_schedule_and_scene_defaults():
     assert lr_factor(100, 100, 5, 0.05) == pytest.approx(0.05)
     assert scene_defaults("dnerf_lego_tiny")["num_basis"] == 30
     assert scene_defaults("dnerf_lego_tiny")["rigidity_k"] == 20
-    assert scene_defaults("dnerf_lego_tiny")["lr"] == 5e-4
-    assert scene_defaults("generated_arc")["lr"] == 1e-3
     assert scene_defaults("jumpingjacks")["w_rigidity"] == 5e6
     assert scene_defaults("generated_arc")["num_basis"] == 47
     resolved = resolve_config(Stage1Config(iterations=1000), "trex", num_frames=5)
