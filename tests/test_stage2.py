@@ -631,3 +631,76 @@ def test_stage1_fine_tuning_groups_move_only_the_parts_given_a_rate(basis_scale,
 def test_stage1_fine_tuning_rates_must_not_be_negative():
     with pytest.raises(ValueError, match="stage1_network_lr_scale must be >= 0"):
         tiny_stage2_config(stage1_network_lr_scale=-1.0).validate()
+
+
+# ---------------------------------------------------------------------------------- rigidity in the re-fit
+def refit_rigidity(run_dir):
+    """Stage 1's rigidity loss of the re-fitted network over every training time, against its cloud at
+    the stage-1 reference time, over neighbours found by brute force in the stage-1 export."""
+    from npg.stage1 import load_stage1
+    from npg.stage1.losses import rigidity_loss
+    from npg.stage2.trainer import read_stage2_checkpoint
+
+    network, _, export = load_stage1(run_dir / "stage1")
+    network.load_state_dict(read_stage2_checkpoint(run_dir / "stage2" / "checkpoint.pt")["stage1_state"])
+    frame = export.reference_frame
+    reference0 = export.points[frame].float()
+    order = torch.cdist(reference0, reference0).argsort(dim=1)
+    neighbor_idx = order[:, 1:11]  # k = 10, the point itself excluded
+    with torch.no_grad():
+        clouds = network(export.times.float())
+        return float(rigidity_loss(clouds, clouds[frame], neighbor_idx))
+
+
+def test_rigidity_term_is_the_stage1_loss_at_the_reference_time(trained_run):
+    from npg.stage1 import load_stage1
+    from npg.stage1.losses import rigidity_loss
+    from npg.stage2.trainer import RigidityTerm
+
+    _, _, export = load_stage1(trained_run / "stage1")
+    times, clouds = export.times.float(), export.points.float()
+    term = RigidityTerm(trained_run / "stage1", times, clouds, k=7)
+    frame = export.reference_frame
+    assert float(term.time) == float(times[frame])
+    reference = clouds[frame]
+    expected_idx = torch.cdist(reference, reference).argsort(dim=1)[:, 1:8]
+    assert torch.equal(term.neighbor_idx.sort(dim=1).values, expected_idx.sort(dim=1).values)
+    moved = clouds[0] + 0.01 * torch.randn_like(clouds[0])
+    expected = rigidity_loss(moved[None], reference, expected_idx)
+    torch.testing.assert_close(term(moved, reference), expected, rtol=1e-5, atol=0.0)
+    assert float(term(reference, reference)) == 0.0
+
+
+def test_stage2_rigidity_keeps_the_refit_shape(trained_run, tiny_scene, tmp_path):
+    import csv
+    import shutil
+
+    from npg.stage2.trainer import train_stage2
+
+    # a high stage-1 rate, so that 30 steps bend the cloud measurably
+    runs = {}
+    for name, weight in (("free", 0.0), ("rigid", 1e4)):
+        out = tmp_path / name
+        shutil.copytree(trained_run / "stage1", out / "stage1")
+        config = tiny_stage2_config(iterations=30, log_every=10, stage1_lr_init=3e-2, stage1_lr_final=3e-2, w_rigidity=weight)
+        train_stage2(tiny_scene, out, config)
+        with open(out / "stage2" / "log.csv", newline="") as handle:
+            logged = [float(row["rigidity"]) for row in csv.DictReader(handle)]
+        runs[name] = (refit_rigidity(out), logged)
+    assert all(value == 0.0 for value in runs["free"][1])
+    assert all(value > 0.0 for value in runs["rigid"][1])
+    assert runs["rigid"][0] < 0.5 * runs["free"][0], runs
+
+
+def test_stage2_rigidity_without_a_stage1_export_is_a_clear_error(trained_run, tiny_scene, tmp_path):
+    import shutil
+
+    from npg.stage2.trainer import train_stage2
+
+    out = tmp_path / "run"
+    shutil.copytree(trained_run / "stage1", out / "stage1")
+    (out / "stage1" / "export.npz").unlink()
+    with pytest.raises((ValueError, FileNotFoundError), match="export.npz"):
+        train_stage2(tiny_scene, out, tiny_stage2_config(iterations=2, w_rigidity=1.0))
+    with pytest.raises(ValueError, match="w_rigidity must be >= 0"):
+        tiny_stage2_config(w_rigidity=-1.0).validate()

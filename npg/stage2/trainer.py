@@ -32,7 +32,7 @@ from npg.stage2.model import PARAMETER_NAMES, NPGGaussians, cage_points, colors_
 
 CHECKPOINT_FORMAT = "npg-stage2"
 CHECKPOINT_VERSION = 1
-LOG_COLUMNS = ["step", "loss", "l1", "dssim", "reg", "psnr", "gaussians", "lr_logits", "elapsed_s", "eval_psnr"]
+LOG_COLUMNS = ["step", "loss", "l1", "dssim", "reg", "rigidity", "psnr", "gaussians", "lr_logits", "elapsed_s", "eval_psnr"]
 
 
 @dataclass
@@ -84,6 +84,12 @@ class Stage2Config:
     # loss
     lambda_dssim: float = 0.2
     w_reg: float = 0.1
+    # Stage 1's local rigidity kept during the re-fit: w_rigidity · rigidity_loss(p(t), p(t_ref)) over
+    # the rigidity_k nearest neighbours of each point in the stage-1 export's reference frame, both
+    # clouds live. Without it the re-fit may bend each frame to its own view (the joint fit lowers the
+    # stage-1 track error's accuracy); 0 leaves it out.
+    w_rigidity: float = 0.0
+    rigidity_k: int = 10
     background: str = "alternate"  # alternate | black | white
     # density control
     densify_from_iter: int = 500
@@ -119,7 +125,9 @@ class Stage2Config:
         for name in ("sh_increase_every", "densification_interval", "opacity_reset_interval", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("stage1_lr_init", "stage1_lr_final", "stage1_basis_lr_scale", "stage1_network_lr_scale"):
+        if self.rigidity_k < 1:
+            raise ValueError(f"rigidity_k must be >= 1, got {self.rigidity_k}")
+        for name in ("stage1_lr_init", "stage1_lr_final", "stage1_basis_lr_scale", "stage1_network_lr_scale", "w_rigidity"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.downsample is not None and self.downsample < 1:
@@ -441,6 +449,9 @@ def train_stage2(scene_dir, out_dir, config: Stage2Config | None = None, stage1_
         print(f"npg stage 2: {scene_dir} has no masks: training on the full images over their own background")
     stage1_model, export_times, export_points = load_stage1_model(stage1_dir, device)
     reg_targets = interpolate_export(export_times, export_points, views.times)  # [F, N, 3]
+    rigidity = None
+    if config.w_rigidity > 0:
+        rigidity = RigidityTerm(stage1_dir, export_times, export_points, config.rigidity_k)
     center = export_points[0].mean(dim=0)
     extent = scene_extent(split.cameras, center)
 
@@ -531,14 +542,19 @@ def train_stage2(scene_dir, out_dir, config: Stage2Config | None = None, stage1_
             view_cursor += 1
             background = backgrounds[step % len(backgrounds)]
 
-            points = stage1_model(views.times[view : view + 1])[0]
+            if rigidity is None:
+                points = stage1_model(views.times[view : view + 1])[0]
+                rigid = torch.zeros((), device=device)
+            else:
+                points, reference = stage1_model(torch.stack([views.times[view], rigidity.time]))
+                rigid = rigidity(points, reference)
             means2d = torch.zeros(gaussians.num_gaussians, 3, device=device, requires_grad=True)
             rendered = gaussians.render(points, views.cameras[view], background=background, means2d=means2d, validate=False)
             target = views.target(view, background)
             l1 = (rendered.color - target).abs().mean()
             dssim = 1.0 - ssim(rendered.color, target, validate=False)
             reg = (points - reg_targets[view]).abs().mean()
-            loss = (1.0 - config.lambda_dssim) * l1 + config.lambda_dssim * dssim + config.w_reg * reg
+            loss = (1.0 - config.lambda_dssim) * l1 + config.lambda_dssim * dssim + config.w_reg * reg + config.w_rigidity * rigid
             loss.backward()
 
             with torch.no_grad():
@@ -556,7 +572,7 @@ def train_stage2(scene_dir, out_dir, config: Stage2Config | None = None, stage1_
                     if opacity_reset_due(step, config):
                         reset_opacity(gaussians, optimizer)
                 mse = ((rendered.color.clamp(0, 1) - target) ** 2).mean()
-                log.add(loss=loss, l1=l1, dssim=dssim, reg=reg, mse=mse)
+                log.add(loss=loss, l1=l1, dssim=dssim, reg=reg, rigidity=rigid, mse=mse)
 
             bar.update(1)
             eval_psnr = None
@@ -614,6 +630,37 @@ def train_stage2(scene_dir, out_dir, config: Stage2Config | None = None, stage1_
     return stage2_dir
 
 
+def stage1_reference_frame(stage1_dir) -> int | None:
+    """The reference frame (an index into the export's frames) of a stage-1 run; None without an export."""
+    try:
+        with np.load(Path(stage1_dir) / "export.npz") as export:
+            return int(export["reference_frame"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+class RigidityTerm:
+    """Stage 1's local rigidity for the re-fit: ``term(points [N, 3], reference [N, 3])`` is
+    ``npg.stage1.losses.rigidity_loss`` of the cloud at a view's time against the live cloud at the
+    stage-1 reference time (``self.time``), over neighbours found once in the stage-1 export."""
+
+    def __init__(self, stage1_dir, export_times: torch.Tensor, export_points: torch.Tensor, k: int):
+        from npg.stage1 import losses
+
+        frame = stage1_reference_frame(stage1_dir)
+        if frame is None or not 0 <= frame < export_points.shape[0]:
+            raise ValueError(
+                f"w_rigidity > 0 needs the stage-1 reference frame from {Path(stage1_dir) / 'export.npz'}, "
+                f"which is missing or unreadable: rerun stage 1, or pass --set stage2.w_rigidity=0"
+            )
+        self.time = export_times[frame]
+        _, self.neighbor_idx = losses.reference_neighbors(export_points[frame], k)
+        self._loss = losses.rigidity_loss
+
+    def __call__(self, points: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        return self._loss(points[None], reference, self.neighbor_idx)
+
+
 def refit_surface_metrics(scene_dir, stage1_model, export_times: torch.Tensor, stage1_dir: Path, device) -> dict:
     """On generated scenes, the stage-1 cloud after stage 2 re-fitted it, against the true surface:
     ``npg.stage1.export.surface_metrics``'s chamfer and track error (prefixed ``refit_``), to read
@@ -621,10 +668,8 @@ def refit_surface_metrics(scene_dir, stage1_model, export_times: torch.Tensor, s
     toward the surface or away? {} for scenes without ground truth or without a stage-1 export."""
     from npg.stage1.export import deformation_surface_metrics
 
-    try:
-        with np.load(Path(stage1_dir) / "export.npz") as export:
-            reference_frame = int(export["reference_frame"])
-    except (OSError, KeyError, ValueError):
+    reference_frame = stage1_reference_frame(stage1_dir)
+    if reference_frame is None:
         return {}
     measured = deformation_surface_metrics(stage1_model, scene_dir, export_times, reference_frame, device)
     return {f"refit_{key}": value for key, value in measured.items() if key != "notes"}
