@@ -677,19 +677,19 @@ def test_stage2_rigidity_keeps_the_refit_shape(trained_run, tiny_scene, tmp_path
 
     from npg.stage2.trainer import train_stage2
 
-    # a high stage-1 rate, so that 30 steps bend the cloud measurably
     runs = {}
     for name, weight in (("free", 0.0), ("rigid", 1e4)):
         out = tmp_path / name
         shutil.copytree(trained_run / "stage1", out / "stage1")
-        config = tiny_stage2_config(iterations=30, log_every=10, stage1_lr_init=3e-2, stage1_lr_final=3e-2, w_rigidity=weight)
+        config = tiny_stage2_config(iterations=30, log_every=10, w_rigidity=weight)
         train_stage2(tiny_scene, out, config)
         with open(out / "stage2" / "log.csv", newline="") as handle:
-            logged = [float(row["rigidity"]) for row in csv.DictReader(handle)]
+            logged = [row["rigidity"] for row in csv.DictReader(handle)]
         runs[name] = (refit_rigidity(out), logged)
-    assert all(value == 0.0 for value in runs["free"][1])
-    assert all(value > 0.0 for value in runs["rigid"][1])
-    assert runs["rigid"][0] < 0.5 * runs["free"][0], runs
+    assert runs["free"][1] == ["", "", ""]  # not computed when off
+    assert len(runs["rigid"][1]) == 3 and all(float(value) > 0.0 for value in runs["rigid"][1])
+    # 30 free steps at the default rates: about 60x the rigid run's rigidity loss
+    assert math.isfinite(runs["free"][0]) and 0.0 < runs["rigid"][0] < 0.1 * runs["free"][0], runs
 
 
 def test_stage2_rigidity_without_a_stage1_export_is_a_clear_error(trained_run, tiny_scene, tmp_path):
@@ -700,7 +700,7 @@ def test_stage2_rigidity_without_a_stage1_export_is_a_clear_error(trained_run, t
     out = tmp_path / "run"
     shutil.copytree(trained_run / "stage1", out / "stage1")
     (out / "stage1" / "export.npz").unlink()
-    with pytest.raises((ValueError, FileNotFoundError), match="export.npz"):
+    with pytest.raises(FileNotFoundError, match="export.npz not found"):
         train_stage2(tiny_scene, out, tiny_stage2_config(iterations=2, w_rigidity=1.0))
     with pytest.raises(ValueError, match="w_rigidity must be >= 0"):
         tiny_stage2_config(w_rigidity=-1.0).validate()

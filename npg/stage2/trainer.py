@@ -27,6 +27,7 @@ import torch
 
 from npg.config import apply_overrides, save_config
 from npg.io import atomic_torch_save, atomic_write_text, load_checkpoint
+from npg.stage1.losses import reference_neighbors, rigidity_loss
 from npg.stage2.densify import DensityController, reset_opacity
 from npg.stage2.model import PARAMETER_NAMES, NPGGaussians, cage_points, colors_from_views, scene_extent
 
@@ -546,19 +547,21 @@ def train_stage2(scene_dir, out_dir, config: Stage2Config | None = None, stage1_
             view_cursor += 1
             background = backgrounds[step % len(backgrounds)]
 
+            terms = {}
             if rigidity is None:
                 points = stage1_model(views.times[view : view + 1])[0]
-                rigid = torch.zeros((), device=device)
             else:
                 points, reference = stage1_model(torch.stack([views.times[view], rigidity.time]))
-                rigid = rigidity(points, reference)
+                terms["rigidity"] = rigidity(points, reference)
             means2d = torch.zeros(gaussians.num_gaussians, 3, device=device, requires_grad=True)
             rendered = gaussians.render(points, views.cameras[view], background=background, means2d=means2d, validate=False)
             target = views.target(view, background)
             l1 = (rendered.color - target).abs().mean()
             dssim = 1.0 - ssim(rendered.color, target, validate=False)
             reg = (points - reg_targets[view]).abs().mean()
-            loss = (1.0 - config.lambda_dssim) * l1 + config.lambda_dssim * dssim + config.w_reg * reg + config.w_rigidity * rigid
+            loss = (1.0 - config.lambda_dssim) * l1 + config.lambda_dssim * dssim + config.w_reg * reg
+            if terms:
+                loss = loss + config.w_rigidity * terms["rigidity"]
             loss.backward()
 
             with torch.no_grad():
@@ -576,7 +579,7 @@ def train_stage2(scene_dir, out_dir, config: Stage2Config | None = None, stage1_
                     if opacity_reset_due(step, config):
                         reset_opacity(gaussians, optimizer)
                 mse = ((rendered.color.clamp(0, 1) - target) ** 2).mean()
-                log.add(loss=loss, l1=l1, dssim=dssim, reg=reg, rigidity=rigid, mse=mse)
+                log.add(loss=loss, l1=l1, dssim=dssim, reg=reg, mse=mse, **terms)
 
             bar.update(1)
             eval_psnr = None
@@ -649,8 +652,6 @@ class RigidityTerm:
     stage-1 reference time (``self.time``), over neighbours found once in the stage-1 export."""
 
     def __init__(self, stage1_dir, export_times: torch.Tensor, export_points: torch.Tensor, k: int):
-        from npg.stage1 import losses
-
         frame = stage1_reference_frame(stage1_dir)
         if frame is None or not 0 <= frame < export_points.shape[0]:
             raise ValueError(
@@ -658,11 +659,10 @@ class RigidityTerm:
                 f"which is missing or unreadable: rerun stage 1, or pass --set stage2.w_rigidity=0"
             )
         self.time = export_times[frame]
-        _, self.neighbor_idx = losses.reference_neighbors(export_points[frame], k)
-        self._loss = losses.rigidity_loss
+        _, self.neighbor_idx = reference_neighbors(export_points[frame], k)
 
     def __call__(self, points: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        return self._loss(points[None], reference, self.neighbor_idx)
+        return rigidity_loss(points[None], reference, self.neighbor_idx)
 
 
 def refit_surface_metrics(scene_dir, stage1_model, export_times: torch.Tensor, stage1_dir: Path, device) -> dict:
