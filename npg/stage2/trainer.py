@@ -2,7 +2,7 @@
 
 Per step: a training view (each view once per epoch, in random order); the stage-1 points p(t) at the
 view's time; skinning (``npg.skin``); rasterization; loss
-    0.8·L1 + 0.2·(1 − SSIM) + w_reg·L1(p(t), stage-1 export at t)
+    0.8·L1 + 0.2·(1 − SSIM) + w_reg·L1(p(t), stage-1 export at t) [+ w_rigidity·stage 1's rigidity, off by default]
 against the ground truth composited through its mask onto the step's background (black on even
 steps, white on odd ones, so the Gaussians cannot paint the background into the object's edges);
 Adam on the Gaussians (3DGS per-group rates; the position rate, with its exponential decay, drives
