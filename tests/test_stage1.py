@@ -357,6 +357,54 @@ def test_coverage_loss_matches_explicit_sum_and_checks_shapes():
         losses.coverage_loss(alpha, masks[:2])
 
 
+def test_photometric_loss_matches_explicit_sum_and_checks_shapes():
+    generator = torch.Generator().manual_seed(4)
+    rendered = torch.rand(2, 3, 6, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    images = torch.rand(2, 3, 6, 5, generator=generator, dtype=torch.float64)
+    masks = torch.rand(2, 6, 5, generator=generator) > 0.4
+    masks[1] = False  # an empty mask counts as one pixel: no division by zero
+    ours = losses.photometric_loss(rendered, images, masks)
+    per_frame = []
+    for b in range(2):
+        total, count = 0.0, 0
+        for y in range(6):
+            for x in range(5):
+                if masks[b, y, x]:
+                    count += 1
+                    total = total + sum(abs(rendered[b, c, y, x] - images[b, c, y, x]) for c in range(3))
+        per_frame.append(total / (3 * max(count, 1)))
+    expected = (per_frame[0] + per_frame[1]) / 2
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(torch.autograd.grad(ours, rendered)[0], torch.autograd.grad(expected, rendered)[0])
+    with pytest.raises(ValueError, match="rendered and images"):
+        losses.photometric_loss(rendered[:, :2], images[:, :2], masks)
+    with pytest.raises(ValueError, match="masks must be"):
+        losses.photometric_loss(rendered, images, masks[:1])
+
+
+def test_photometric_term_moves_the_points_and_its_colours_train(tiny_scene, tmp_path):
+    """The term reaches the deformation model through the splat's position gradients (a cue on where
+    the points are, not only on their colours), and the per-point colours get their own rate."""
+    trainer = Stage1Trainer(tiny_scene, tmp_path, tiny_config(w_photometric=1.0, photometric_color_lr=0.05))
+    assert trainer.scheduler.base_lrs == [3e-3, 0.05]
+    terms = trainer.batch_losses(torch.arange(0, 4), skip_unweighted=True)
+    terms["photometric"].backward()
+    assert trainer.model.basis.grad is not None and trainer.model.basis.grad.abs().sum() > 0
+    assert trainer.point_colors.grad.abs().sum() > 0
+    off = Stage1Trainer(tiny_scene, tmp_path / "off", tiny_config())
+    assert len(off.optimizer.param_groups) == 1
+    assert float(off.batch_losses(torch.arange(0, 4), skip_unweighted=True)["photometric"]) == 0
+    with pytest.raises(ValueError, match="w_photometric"):
+        tiny_config(w_photometric=-1.0).validate()
+    # Trained alone it falls (more slowly than the other terms: the checker texture is finer than the splats).
+    weights = {f"w_{name}": float(name == "photometric") for name in LOSS_NAMES}
+    alone = Stage1Trainer(tiny_scene, tmp_path / "alone", tiny_config(iterations=60, photometric_color_lr=0.05, **weights))
+    before = alone.evaluate_losses()["photometric"]
+    alone.train()
+    after = alone.evaluate_losses()["photometric"]
+    assert after < 0.85 * before, f"photometric did not fall: {before} -> {after}"
+
+
 def test_project_matches_camera():
     from npg.camera import Camera
 
@@ -524,8 +572,9 @@ def test_ply_reader_rejects_foreign_files(tmp_path):
         read_ply_points(tmp_path / "cut.ply")
 
 
-def test_resume_after_interrupted_run_continues_from_checkpoint(tiny_scene, tmp_path):
-    config = tiny_config(iterations=12, checkpoint_every=5, log_every=1, preview=False)
+@pytest.mark.parametrize("w_photometric", [0.0, 1.0])
+def test_resume_after_interrupted_run_continues_from_checkpoint(w_photometric, tiny_scene, tmp_path):
+    config = tiny_config(iterations=12, checkpoint_every=5, log_every=1, preview=False, w_photometric=w_photometric)
 
     class Killed(Exception):
         pass
@@ -547,9 +596,10 @@ def test_resume_after_interrupted_run_continues_from_checkpoint(tiny_scene, tmp_
     straight = torch.load(tmp_path / "straight" / "stage1" / "checkpoint.pt", weights_only=False)
     for name, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][name], value, rtol=1e-5, atol=1e-7, msg=name)
+    torch.testing.assert_close(resumed["point_colors"], straight["point_colors"], rtol=1e-5, atol=1e-7)
     # A finished run can be extended, with another learning rate, from its checkpoint.
     seen.clear()
-    train_stage1(tiny_scene, tmp_path / "straight", tiny_config(iterations=14, lr=1e-3, preview=False),
+    train_stage1(tiny_scene, tmp_path / "straight", tiny_config(iterations=14, lr=1e-3, preview=False, w_photometric=w_photometric),
                  callback=lambda it, terms: seen.append(it))
     assert seen == [13, 14]
     # A changed model config must not silently resume from an incompatible checkpoint.

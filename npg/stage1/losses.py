@@ -146,3 +146,16 @@ def coverage_loss(alpha: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     if alpha.dim() != 4 or alpha.shape[1] != 1 or masks.shape != (alpha.shape[0], *alpha.shape[2:]):
         raise ValueError(f"alpha must be [B, 1, H, W] and masks [B, H, W] alike, got {tuple(alpha.shape)} and {tuple(masks.shape)}")
     return (alpha[:, 0] - masks.to(alpha.dtype)).square().mean()
+
+
+def photometric_loss(rendered: torch.Tensor, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Masked L1 between splatted point colours and the frames: per frame, Σ |rendered − image| over
+    the mask's pixels and the channels, divided by 3 × the mask's pixel count (at least 1); mean over
+    frames. rendered, images [B, 3, H, W] (images composited over black); masks [B, H, W] bool."""
+    if rendered.shape != images.shape or rendered.dim() != 4 or rendered.shape[1] != 3:
+        raise ValueError(f"rendered and images must both be [B, 3, H, W], got {tuple(rendered.shape)} and {tuple(images.shape)}")
+    if masks.shape != (rendered.shape[0], *rendered.shape[2:]):
+        raise ValueError(f"masks must be [B, H, W] = {(rendered.shape[0], *rendered.shape[2:])}, got {tuple(masks.shape)}")
+    weight = masks.to(rendered.dtype)[:, None]  # [B, 1, H, W]
+    per_frame = ((rendered - images).abs() * weight).flatten(1).sum(1) / (3.0 * weight.flatten(1).sum(1).clamp(min=1.0))
+    return per_frame.mean()

@@ -110,6 +110,11 @@ class Stage1Config:
     # Splatted alpha against the mask (squared error, mean over pixels); not in the original. H100, arc,
     # fast preset, w 1e4: held-out IoU 0.804 -> 0.828 but stage-2 test PSNR 24.00 -> 23.95 dB: off.
     w_coverage: float = 0.0
+    # Masked L1 between the frames and a splat of one learned colour per point (flow splats), not in
+    # the original: a point must land on the same texture in every view of the video, a long-baseline
+    # multi-view cue where flow only links neighbouring frames. The colours train at their own rate.
+    w_photometric: float = 0.0
+    photometric_color_lr: float = 1e-2
     rigidity_k: Optional[int] = None  # 10; 20 for lego
     knn_every: int = 1  # recompute the reference-frame kNN every this many iterations
     huber_eps: float = 0.01
@@ -171,10 +176,12 @@ class Stage1Config:
         if self.num_points < 4:
             raise ValueError(f"num_points must be >= 4, got {self.num_points}")
         positive = ("lr", "silhouette_point_weight", "huber_eps", "splat_scale", "coverage_splat_scale",
-                    "iou_splat_scale", "chamfer_reference_width")
+                    "iou_splat_scale", "chamfer_reference_width", "photometric_color_lr")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.w_photometric >= 0:
+            raise ValueError(f"w_photometric must be >= 0, got {self.w_photometric}")
         if not 0 < self.splat_opacity < 1:
             raise ValueError(f"splat_opacity must be in (0, 1), got {self.splat_opacity}")
         if self.flow_max_view_change_deg is not None and not self.flow_max_view_change_deg >= 0:
@@ -366,7 +373,7 @@ def project(points: torch.Tensor, w2c: torch.Tensor, intrinsics: torch.Tensor):
 
 # -------------------------------------------------------------------------------------------- trainer
 
-LOSS_NAMES = ("silhouette", "depth", "rigidity", "flow", "coverage")
+LOSS_NAMES = ("silhouette", "depth", "rigidity", "flow", "coverage", "photometric")
 CHECKPOINT_NAME = "checkpoint.pt"
 # Config fields that may change between a run and its resumption.
 RUN_ONLY_KEYS = {
@@ -419,8 +426,13 @@ class Stage1Trainer:
         ).to(self.device)
         if self.model.features.shape[1] != 3:
             raise ValueError("the splatted features must have 3 channels")
+        self.images = torch.as_tensor(self.data.rgb).to(self.device).permute(0, 3, 1, 2)  # [F, 3, H, W] uint8
+        self.point_colors = torch.nn.Parameter(torch.full((config.num_points, 3), 0.5, device=self.device))  # [N, 3]
+        groups = [{"params": list(self.model.parameters()), "lr": config.lr}]
+        if config.w_photometric > 0:
+            groups.append({"params": [self.point_colors], "lr": config.photometric_color_lr})
         # fused kernels on CUDA: the step is bound by host time there
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=self.device.type == "cuda")
+        self.optimizer = torch.optim.Adam(groups, lr=config.lr, fused=self.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: lr_factor(step, config.iterations, config.warmup_iterations, config.lr_final_fraction),
@@ -471,8 +483,13 @@ class Stage1Trainer:
         neighbor_dist2, neighbor_idx = self.neighbors
         terms["rigidity"] = losses.rigidity_loss(frame_points, reference_points, neighbor_idx)
 
-        terms["flow"] = terms["coverage"] = points.new_zeros(())
+        terms["flow"] = terms["coverage"] = terms["photometric"] = points.new_zeros(())
         cameras = [data.cameras[i] for i in frame_list]
+        if config.w_photometric > 0 or not skip_unweighted:
+            scales = spacing_scales(neighbor_dist2, config.splat_scale)
+            colored, _ = splat_frames(frame_points, self.point_colors, cameras, scales, config.splat_opacity)
+            images = self.images[frames].to(colored.dtype) / 255.0
+            terms["photometric"] = losses.photometric_loss(colored, images, data.masks[frames])
         if config.w_coverage > 0 or not skip_unweighted:
             scales = spacing_scales(neighbor_dist2, config.coverage_splat_scale)
             _, alpha = splat_frames(frame_points, self.model.features, cameras, scales, config.splat_opacity)
@@ -494,6 +511,7 @@ class Stage1Trainer:
             + c.w_rigidity * terms["rigidity"]
             + c.w_flow * terms["flow"]
             + c.w_coverage * terms["coverage"]
+            + c.w_photometric * terms["photometric"]
         )
 
     @torch.no_grad()
@@ -604,6 +622,7 @@ class Stage1Trainer:
             "config": dataclasses.asdict(self.config),
             "model_hparams": self.model.hparams,
             "model": self.model.state_dict(),
+            "point_colors": self.point_colors.detach(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.get_state(),
@@ -633,15 +652,17 @@ class Stage1Trainer:
         if state["model_hparams"] != self.model.hparams:
             raise ValueError(f"{path}: model shape {state['model_hparams']} differs from {self.model.hparams}")
         self.model.load_state_dict(state["model"])
+        with torch.no_grad():
+            self.point_colors.copy_(state["point_colors"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration = int(state["iteration"])
         # The schedule follows the current config (a resumed run may change lr or extend iterations).
         config = self.config
-        self.scheduler.base_lrs = [config.lr for _ in self.optimizer.param_groups]
+        self.scheduler.base_lrs = [config.lr, config.photometric_color_lr][: len(self.optimizer.param_groups)]
         factor = lr_factor(self.iteration, config.iterations, config.warmup_iterations, config.lr_final_fraction)
-        for group in self.optimizer.param_groups:
-            group["lr"] = config.lr * factor
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base_lr * factor
         self.train_seconds = float(state["train_seconds"])
         self.sampler.set_state(state["sampler"])
         self.pending_windows = list(state["pending_windows"])
