@@ -382,6 +382,111 @@ def test_photometric_loss_matches_explicit_sum_and_checks_shapes():
         losses.photometric_loss(rendered, images, masks[:1])
 
 
+def test_visible_points_is_a_point_z_buffer():
+    """Against a per-point loop: in the image, in the mask, in front, and within the tolerance of the
+    nearest depth among the points of its cell."""
+    generator = torch.Generator().manual_seed(4)
+    batch, count, height, width, cell, tolerance = 2, 300, 13, 17, 3.0, 0.2
+    pixels = torch.rand(batch, count, 2, generator=generator) * torch.tensor([width + 4.0, height + 4.0]) - 2.0
+    depth = torch.rand(batch, count, generator=generator) * 2.0 - 0.1
+    depth[0, 5] = float("nan")
+    masks = torch.rand(batch, height, width, generator=generator) > 0.3
+    ours = losses.visible_points(pixels, depth, masks, cell, tolerance)
+    for b in range(batch):
+        x, y = pixels[b, :, 0].round().long(), pixels[b, :, 1].round().long()
+        usable = [
+            0 <= int(x[n]) < width and 0 <= int(y[n]) < height and bool(depth[b, n] > 0) and bool(masks[b, y[n], x[n]])
+            for n in range(count)
+        ]
+        cell_of = [(int(float(y[n]) // cell), int(float(x[n]) // cell)) for n in range(count)]
+        nearest = {}
+        for n in range(count):
+            if usable[n]:
+                nearest[cell_of[n]] = min(nearest.get(cell_of[n], math.inf), float(depth[b, n]))
+        expected = [usable[n] and float(depth[b, n]) <= nearest[cell_of[n]] + tolerance for n in range(count)]
+        assert ours[b].tolist() == expected
+    assert 0 < int(ours.sum()) < ours.numel()
+    with pytest.raises(ValueError, match="depth"):
+        losses.visible_points(pixels, depth[:, :-1], masks, cell, tolerance)
+    with pytest.raises(ValueError, match="masks"):
+        losses.visible_points(pixels, depth, masks[:1], cell, tolerance)
+    with pytest.raises(ValueError, match="cell"):
+        losses.visible_points(pixels, depth, masks, 0.0, tolerance)
+
+
+def test_point_flow_loss_matches_explicit_sum():
+    """Flow sampled bilinearly at each point (a loop over the four pixels around it), the soft-Huber of
+    the scaled residual norm, mean over visible points with the flow's target in the image, mean over
+    pairs; the gradient reaches both frames' points, not the sampling position."""
+    generator = torch.Generator().manual_seed(5)
+    batch, count, height, width, scale, eps = 3, 40, 9, 12, 4.0, 2.0
+    flow = (torch.rand(batch, height, width, 2, generator=generator, dtype=torch.float64) - 0.5) * 4
+    pixels = (torch.rand(batch, count, 2, generator=generator, dtype=torch.float64) * torch.tensor([width + 1.0, height + 1.0]) - 1.0)
+    pixels.requires_grad_(True)
+    pixels_next = (pixels.detach() + torch.randn(batch, count, 2, generator=generator, dtype=torch.float64)).requires_grad_(True)
+    visible = torch.rand(batch, count, generator=generator) > 0.3
+    visible[2] = False  # a pair without visible points adds 0
+    ours = losses.point_flow_loss(pixels, pixels_next, flow, visible, scale, eps)
+
+    def bilinear(b, x, y):
+        x0, y0 = math.floor(x), math.floor(y)
+        total = torch.zeros(2, dtype=torch.float64)
+        for dy in (0, 1):
+            for dx in (0, 1):
+                wx = (x - x0) if dx else (1 - (x - x0))
+                wy = (y - y0) if dy else (1 - (y - y0))
+                xi, yi = min(max(x0 + dx, 0), width - 1), min(max(y0 + dy, 0), height - 1)
+                total = total + wx * wy * flow[b, yi, xi]
+        return total
+
+    per_pair = []
+    for b in range(batch):
+        total, used = 0.0, 0
+        for n in range(count):
+            x, y = float(pixels[b, n, 0].detach()), float(pixels[b, n, 1].detach())
+            if not (visible[b, n] and 0 <= x <= width - 1 and 0 <= y <= height - 1):
+                continue
+            motion = bilinear(b, x, y)
+            if not (0 <= x + motion[0] <= width - 1 and 0 <= y + motion[1] <= height - 1):
+                continue
+            residual = pixels_next[b, n] - pixels[b, n] - motion
+            total = total + eps * (torch.sqrt(1 + (scale**2) * residual.square().sum() / eps**2) - 1)
+            used += 1
+        per_pair.append(total / max(used, 1) if used else torch.zeros((), dtype=torch.float64))
+    expected = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in per_pair]).mean()
+    torch.testing.assert_close(ours, expected)
+    for leaf in (pixels, pixels_next):
+        (grad_ours,) = torch.autograd.grad(ours, leaf, retain_graph=True)
+        (grad_expected,) = torch.autograd.grad(expected, leaf, retain_graph=True)
+        torch.testing.assert_close(grad_ours, grad_expected)
+        assert grad_ours.abs().sum() > 0
+    # points that follow the flow exactly cost nothing
+    with torch.no_grad():
+        motion, _ = losses.sample_flow(flow, pixels)
+    exact = losses.point_flow_loss(pixels.detach(), pixels.detach() + motion, flow, visible, scale, eps)
+    assert float(exact) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="pixels_next"):
+        losses.point_flow_loss(pixels, pixels_next[:, :-1], flow, visible)
+    with pytest.raises(ValueError, match="flow"):
+        losses.point_flow_loss(pixels, pixels_next, flow[:1], visible)
+    with pytest.raises(ValueError, match="visible"):
+        losses.point_flow_loss(pixels, pixels_next, flow, visible[:, :-1])
+
+
+def test_point_flow_term_reaches_the_model_and_is_off_by_default(tiny_scene, tmp_path):
+    trainer = Stage1Trainer(tiny_scene, tmp_path, tiny_config(w_point_flow=1.0))
+    terms = trainer.batch_losses(torch.arange(0, 4), skip_unweighted=True)
+    assert float(terms["point_flow"]) > 0
+    terms["point_flow"].backward()
+    assert trainer.model.basis.grad is not None and trainer.model.basis.grad.abs().sum() > 0
+    off = Stage1Trainer(tiny_scene, tmp_path / "off", tiny_config())
+    assert float(off.batch_losses(torch.arange(0, 4), skip_unweighted=True)["point_flow"]) == 0
+    assert float(off.batch_losses(torch.arange(0, 4))["point_flow"]) > 0  # reported even when off
+    for name, value in (("w_point_flow", -1.0), ("point_flow_eps", 0.0), ("point_flow_cell", 0.0), ("point_flow_depth_tolerance", -1.0)):
+        with pytest.raises(ValueError, match=name):
+            tiny_config(**{name: value}).validate()
+
+
 def test_photometric_term_moves_the_points_and_its_colours_train(tiny_scene, tmp_path):
     """The term reaches the deformation model through the splat's position gradients (a cue on where
     the points are, not only on their colours), and the per-point colours get their own rate."""
@@ -472,7 +577,7 @@ def set_bad_cloud(trainer: Stage1Trainer, behind_camera: bool) -> None:
         model.head.bias[1] = -(features.mean(0) @ direction) / spread
 
 
-@pytest.mark.parametrize("term", ["silhouette", "depth", "rigidity", "flow", "coverage"])
+@pytest.mark.parametrize("term", ["silhouette", "depth", "rigidity", "flow", "coverage", "point_flow"])
 def test_each_loss_term_falls_when_trained(term, tiny_scene, tmp_path):
     """Trained alone from a bad state, each term falls over all training frames (through the whole
     pipeline: model, projection, kNN, splatting, warping)."""

@@ -7,11 +7,16 @@
 - ``flow_consistency_loss``: features splatted at frame f+1, warped back to f with the forward optical
   flow, against the features splatted at f; masked soft-Huber normalised by mask pixels.
 - ``coverage_loss``: the splatted cloud's alpha against the mask, squared error per pixel.
+- ``photometric_loss``: splatted point colours against the frames, masked L1.
+- ``point_flow_loss``: the projected motion of each visible point from f to f+1 against the optical
+  flow sampled at the point (``visible_points``: a point z-buffer on a coarse pixel grid).
 
 None of them builds a dense N×N or N×M matrix; the tests compare each against a plain dense PyTorch
 formulation at small sizes.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.nn import functional as F
@@ -159,3 +164,88 @@ def photometric_loss(rendered: torch.Tensor, images: torch.Tensor, masks: torch.
     weight = masks.to(rendered.dtype)[:, None]  # [B, 1, H, W]
     per_frame = ((rendered - images).abs() * weight).flatten(1).sum(1) / (3.0 * weight.flatten(1).sum(1).clamp(min=1.0))
     return per_frame.mean()
+
+
+def visible_points(
+    pixels: torch.Tensor, depth: torch.Tensor, masks: torch.Tensor, cell: float, tolerance: float
+) -> torch.Tensor:
+    """Which points a frame sees: a point z-buffer, computed without gradient.
+
+    pixels [B, N, 2] projections (x, y), depth [B, N] camera-space z, masks [B, H, W] bool. The image is
+    cut into square cells ``cell`` pixels wide; a point is visible when it projects inside the image
+    and the mask, lies in front of the camera, and its depth is within ``tolerance`` (world units) of
+    the nearest point in its cell. Returns [B, N] bool.
+    """
+    if pixels.dim() != 3 or pixels.shape[-1] != 2 or depth.shape != pixels.shape[:2]:
+        raise ValueError(f"pixels must be [B, N, 2] and depth [B, N], got {tuple(pixels.shape)} and {tuple(depth.shape)}")
+    if masks.dim() != 3 or masks.shape[0] != pixels.shape[0]:
+        raise ValueError(f"masks must be [B, H, W] with B={pixels.shape[0]}, got {tuple(masks.shape)}")
+    if not cell > 0:
+        raise ValueError(f"cell must be > 0 pixels, got {cell}")
+    batch, height, width = masks.shape
+    with torch.no_grad():
+        x, y = pixels[..., 0].round().long(), pixels[..., 1].round().long()
+        inside = (x >= 0) & (x < width) & (y >= 0) & (y < height) & (depth > 0) & torch.isfinite(depth)
+        x, y = x.clamp(0, width - 1), y.clamp(0, height - 1)
+        frame = torch.arange(batch, device=pixels.device)[:, None].expand_as(x)
+        inside &= masks[frame, y, x]
+        columns = int(math.ceil(width / cell))
+        cells = (y.float() / cell).long() * columns + (x.float() / cell).long()  # [B, N]
+        cells_per_frame = columns * int(math.ceil(height / cell))
+        flat = (frame * cells_per_frame + cells).flatten()
+        z = torch.where(inside, depth, torch.full_like(depth, math.inf)).flatten()
+        nearest = torch.full((batch * cells_per_frame,), math.inf, device=depth.device, dtype=depth.dtype)
+        nearest = nearest.scatter_reduce(0, flat, z, reduce="amin")
+        return inside & (depth <= nearest[flat].view_as(depth) + tolerance)
+
+
+def sample_flow(flow: torch.Tensor, pixels: torch.Tensor):
+    """Bilinear flow at sub-pixel positions. flow [B, H, W, 2] in pixels, pixels [B, N, 2] (x, y) ->
+    (flow at the points [B, N, 2], valid [B, N] bool: inside the image, and so is the flow's target)."""
+    batch, height, width, _ = flow.shape
+    grid = torch.stack(
+        [2.0 * pixels[..., 0] / max(width - 1, 1) - 1.0, 2.0 * pixels[..., 1] / max(height - 1, 1) - 1.0], dim=-1
+    )
+    sampled = F.grid_sample(
+        flow.permute(0, 3, 1, 2), grid[:, :, None].to(flow.dtype), mode="bilinear", padding_mode="border", align_corners=True
+    )[..., 0].transpose(1, 2)  # [B, N, 2]
+    target = pixels + sampled
+    valid = (
+        (pixels[..., 0] >= 0) & (pixels[..., 0] <= width - 1) & (pixels[..., 1] >= 0) & (pixels[..., 1] <= height - 1)
+        & (target[..., 0] >= 0) & (target[..., 0] <= width - 1) & (target[..., 1] >= 0) & (target[..., 1] <= height - 1)
+    )
+    return sampled, valid
+
+
+def point_flow_loss(
+    pixels: torch.Tensor,
+    pixels_next: torch.Tensor,
+    flow: torch.Tensor,
+    visible: torch.Tensor,
+    pixel_scale: float = 1.0,
+    eps: float = 1.0,
+) -> torch.Tensor:
+    """Each visible point's projected motion from frame f to f+1 against the optical flow at it.
+
+    pixels, pixels_next [B, N, 2]: the points projected in frames f and f+1 (each by its own camera);
+    flow [B, H, W, 2] forward flow f→f+1 in pixels; visible [B, N] bool (``visible_points`` of frame
+    f). The residual r = pixels_next − pixels − flow(pixels), with the flow sampled bilinearly at the
+    detached position. Per pair: the mean over the visible points whose flow stays in the image of the
+    soft-Huber ε(√(1 + (pixel_scale·|r|)²/ε²) − 1), ``eps`` and the result in pixels of the
+    ``pixel_scale``-times finer image; 0 for a pair without such points; mean over pairs.
+    """
+    if pixels.shape != pixels_next.shape or pixels.dim() != 3 or pixels.shape[-1] != 2:
+        raise ValueError(
+            f"pixels and pixels_next must both be [B, N, 2], got {tuple(pixels.shape)} and {tuple(pixels_next.shape)}"
+        )
+    if flow.dim() != 4 or flow.shape[0] != pixels.shape[0] or flow.shape[-1] != 2:
+        raise ValueError(f"flow must be [B, H, W, 2] with B={pixels.shape[0]}, got {tuple(flow.shape)}")
+    if visible.shape != pixels.shape[:2]:
+        raise ValueError(f"visible must be [B, N] = {tuple(pixels.shape[:2])}, got {tuple(visible.shape)}")
+    with torch.no_grad():
+        motion, valid = sample_flow(flow, pixels.detach())
+    weight = (visible & valid).to(pixels.dtype)
+    residual2 = (pixels_next - pixels - motion.to(pixels.dtype)).square().sum(-1) * pixel_scale**2
+    penalty = eps * (torch.sqrt(1.0 + residual2 / eps**2) - 1.0)
+    per_pair = (penalty * weight).sum(1) / weight.sum(1).clamp(min=1.0)
+    return per_pair.mean()
