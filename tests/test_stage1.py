@@ -476,12 +476,12 @@ def test_point_flow_loss_matches_explicit_sum():
 def test_point_flow_term_reaches_the_model_and_is_off_by_default(tiny_scene, tmp_path):
     trainer = Stage1Trainer(tiny_scene, tmp_path, tiny_config(w_point_flow=1.0))
     terms = trainer.batch_losses(torch.arange(0, 4), skip_unweighted=True)
-    assert float(terms["point_flow"]) > 0
+    assert float(terms["point_flow"].detach()) > 0
     terms["point_flow"].backward()
     assert trainer.model.basis.grad is not None and trainer.model.basis.grad.abs().sum() > 0
     off = Stage1Trainer(tiny_scene, tmp_path / "off", tiny_config())
-    assert float(off.batch_losses(torch.arange(0, 4), skip_unweighted=True)["point_flow"]) == 0
-    assert float(off.batch_losses(torch.arange(0, 4))["point_flow"]) > 0  # reported even when off
+    assert float(off.batch_losses(torch.arange(0, 4), skip_unweighted=True)["point_flow"].detach()) == 0
+    assert float(off.batch_losses(torch.arange(0, 4))["point_flow"].detach()) > 0  # reported even when off
     for name, value in (("w_point_flow", -1.0), ("point_flow_eps", 0.0), ("point_flow_cell", 0.0), ("point_flow_depth_tolerance", -1.0)):
         with pytest.raises(ValueError, match=name):
             tiny_config(**{name: value}).validate()
