@@ -854,6 +854,10 @@ def test_track_error_sees_points_sliding_along_the_surface(tmp_path):
     assert drift_carried < 0.02, drift_carried
     mean_shift = shift * sum(range(frames)) / frames
     assert abs(drift_static - mean_shift) < 0.02, (drift_static, mean_shift)
+    # Carried 0.1 off the surface: a track error of 0.1 in every frame, but no drift; static points drift.
+    lifted = surface_metrics(trainer_with(lambda f: middle(inner(vertices[f])) + torch.tensor([0.0, 0.0, 0.1])))
+    assert abs(lifted["track_error"] - 0.1) < 0.02 and lifted["track_drift"] < 1e-5, lifted
+    assert abs(surface_metrics(static)["track_drift"] - mean_shift) < 1e-4
 
 
 def test_silhouette_point_weight_reaches_the_loss(tiny_scene, tmp_path):

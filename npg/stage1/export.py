@@ -193,7 +193,9 @@ def evaluate(trainer) -> dict:
       error is the mean distance between the point and that sample, carried by the true motion,
       over all points and training frames (world units; ``track_error_rel``: over the diagonal). A
       cloud can match the surface in every frame (low chamfer) while sliding along it: stage 2's
-      Gaussians, whose colours are fixed, then smear.
+      Gaussians, whose colours are fixed, then smear. ``track_drift`` (and ``_rel``): the same mean
+      of |(point − sample) − (its offset in the reference frame)|, the sliding without the fixed
+      offset from the surface that a point has in every frame.
     - ``final_losses``: every unweighted term over all training frames, and their weighted total.
     """
     from .trainer import load_split
@@ -318,12 +320,13 @@ def deformation_surface_metrics(model, scene_dir, times, reference_frame: int, d
         return {"notes": [f"ground truth has {len(vertices)} train frames, the scene {len(times)}: surface chamfer skipped"]}
     sample = surface_sampler(vertices[0], faces, samples_per_frame)
 
-    distances, diagonals, track = [], [], []
+    distances, diagonals, track, drift = [], [], [], []
     with torch.no_grad():
         surface = sample(vertices[reference_frame]).to(device).contiguous()
         points = model(times[reference_frame : reference_frame + 1])[0].contiguous()
         _, attached = knn(surface, 1, queries=points)  # the true surface point each point stands for
         attached = attached[:, 0].long()
+        reference_offset = points - surface[attached]
         for index in range(len(times)):
             surface = sample(vertices[index]).to(device).contiguous()
             points = model(times[index : index + 1])[0].contiguous()
@@ -331,13 +334,17 @@ def deformation_surface_metrics(model, scene_dir, times, reference_frame: int, d
             to_points, _ = knn(points, 1, queries=surface)
             distances.append(0.5 * (to_surface.sqrt().mean() + to_points.sqrt().mean()).item())
             diagonals.append(float((surface.max(0).values - surface.min(0).values).norm()))
-            track.append(float((points - surface[attached]).norm(dim=-1).mean()))
+            offset = points - surface[attached]
+            track.append(float(offset.norm(dim=-1).mean()))
+            drift.append(float((offset - reference_offset).norm(dim=-1).mean()))
     chamfer, diagonal = float(np.mean(distances)), float(np.mean(diagonals))
     return {
         "surface_chamfer": chamfer,
         "surface_chamfer_rel": chamfer / diagonal,
         "track_error": float(np.mean(track)),
         "track_error_rel": float(np.mean(track)) / diagonal,
+        "track_drift": float(np.mean(drift)),
+        "track_drift_rel": float(np.mean(drift)) / diagonal,
     }
 
 
