@@ -386,7 +386,7 @@ def test_visible_points_is_a_point_z_buffer():
     """Against a per-point loop: in the image, in the mask, in front, and within the tolerance of the
     nearest depth among the points of its cell."""
     generator = torch.Generator().manual_seed(4)
-    batch, count, height, width, cell, tolerance = 2, 300, 13, 17, 3.0, 0.2
+    batch, count, height, width, cell, tolerance = 2, 300, 13, 17, 2.5, 0.2
     pixels = torch.rand(batch, count, 2, generator=generator) * torch.tensor([width + 4.0, height + 4.0]) - 2.0
     depth = torch.rand(batch, count, generator=generator) * 2.0 - 0.1
     depth[0, 5] = float("nan")
@@ -411,7 +411,9 @@ def test_visible_points_is_a_point_z_buffer():
     with pytest.raises(ValueError, match="masks"):
         losses.visible_points(pixels, depth, masks[:1], cell, tolerance)
     with pytest.raises(ValueError, match="cell"):
-        losses.visible_points(pixels, depth, masks, 0.0, tolerance)
+        losses.visible_points(pixels, depth, masks, 0.5, tolerance)
+    as_tensors = losses.visible_points(pixels, depth, masks, torch.tensor(cell), torch.tensor(tolerance))
+    assert torch.equal(as_tensors, ours)
 
 
 def test_point_flow_loss_matches_explicit_sum():

@@ -92,6 +92,17 @@ def soft_huber(d: torch.Tensor, eps: float) -> torch.Tensor:
     return eps * (torch.sqrt(1.0 + (d / eps).square()) - 1.0)
 
 
+def _in_image(xy: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """[..., 2] pixel positions (x, y), pixel centres at integers -> [...] bool: within the outer centres."""
+    return (xy[..., 0] >= 0) & (xy[..., 0] <= width - 1) & (xy[..., 1] >= 0) & (xy[..., 1] <= height - 1)
+
+
+def _sampling_grid(xy: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """[..., 2] pixel positions -> grid_sample coordinates (align_corners=True: -1 and +1 are the
+    centres of the first and last pixels)."""
+    return torch.stack([2.0 * xy[..., 0] / max(width - 1, 1) - 1.0, 2.0 * xy[..., 1] / max(height - 1, 1) - 1.0], dim=-1)
+
+
 def warp_back(image_next: torch.Tensor, flow: torch.Tensor):
     """Warp frame f+1 back onto frame f with the forward flow f→f+1.
 
@@ -107,13 +118,9 @@ def warp_back(image_next: torch.Tensor, flow: torch.Tensor):
         torch.arange(width, device=flow.device, dtype=flow.dtype),
         indexing="ij",
     )
-    target_x = xs + flow[..., 0]
-    target_y = ys + flow[..., 1]
-    valid = (target_x >= 0) & (target_x <= width - 1) & (target_y >= 0) & (target_y <= height - 1)
-    # align_corners=True: -1 and +1 are the centres of the first and last pixels.
-    grid = torch.stack(
-        [2.0 * target_x / max(width - 1, 1) - 1.0, 2.0 * target_y / max(height - 1, 1) - 1.0], dim=-1
-    )
+    target = torch.stack([xs, ys], dim=-1) + flow  # [B, H, W, 2]
+    valid = _in_image(target, width, height)
+    grid = _sampling_grid(target, width, height)
     warped = F.grid_sample(image_next, grid.to(image_next.dtype), mode="bicubic", padding_mode="border", align_corners=True)
     return warped, valid
 
@@ -166,22 +173,21 @@ def photometric_loss(rendered: torch.Tensor, images: torch.Tensor, masks: torch.
     return per_frame.mean()
 
 
-def visible_points(
-    pixels: torch.Tensor, depth: torch.Tensor, masks: torch.Tensor, cell: float, tolerance: float
-) -> torch.Tensor:
+def visible_points(pixels: torch.Tensor, depth: torch.Tensor, masks: torch.Tensor, cell, tolerance) -> torch.Tensor:
     """Which points a frame sees: a point z-buffer, computed without gradient.
 
     pixels [B, N, 2] projections (x, y), depth [B, N] camera-space z, masks [B, H, W] bool. The image is
-    cut into square cells ``cell`` pixels wide; a point is visible when it projects inside the image
-    and the mask, lies in front of the camera, and its depth is within ``tolerance`` (world units) of
-    the nearest point in its cell. Returns [B, N] bool.
+    cut into square cells ``cell`` (>= 1) pixels wide; a point is visible when it projects inside the
+    image and the mask, lies in front of the camera, and its depth is within ``tolerance`` (world
+    units) of the nearest point in its cell. ``cell`` and ``tolerance``: numbers or 0-d tensors on the
+    points' device (so a training step need not read them back to the host). Returns [B, N] bool.
     """
     if pixels.dim() != 3 or pixels.shape[-1] != 2 or depth.shape != pixels.shape[:2]:
         raise ValueError(f"pixels must be [B, N, 2] and depth [B, N], got {tuple(pixels.shape)} and {tuple(depth.shape)}")
     if masks.dim() != 3 or masks.shape[0] != pixels.shape[0]:
         raise ValueError(f"masks must be [B, H, W] with B={pixels.shape[0]}, got {tuple(masks.shape)}")
-    if not cell > 0:
-        raise ValueError(f"cell must be > 0 pixels, got {cell}")
+    if not isinstance(cell, torch.Tensor) and not cell >= 1:
+        raise ValueError(f"cell must be >= 1 pixel, got {cell}")
     batch, height, width = masks.shape
     with torch.no_grad():
         x, y = pixels[..., 0].round().long(), pixels[..., 1].round().long()
@@ -189,12 +195,11 @@ def visible_points(
         x, y = x.clamp(0, width - 1), y.clamp(0, height - 1)
         frame = torch.arange(batch, device=pixels.device)[:, None].expand_as(x)
         inside &= masks[frame, y, x]
-        columns = int(math.ceil(width / cell))
-        cells = (y.float() / cell).long() * columns + (x.float() / cell).long()  # [B, N]
-        cells_per_frame = columns * int(math.ceil(height / cell))
-        flat = (frame * cells_per_frame + cells).flatten()
+        # cells of at least a pixel number fewer than W per row and H rows: index them on that bound
+        cells = torch.div(y, cell, rounding_mode="floor").long() * width + torch.div(x, cell, rounding_mode="floor").long()
+        flat = (frame * (width * height) + cells).flatten()
         z = torch.where(inside, depth, torch.full_like(depth, math.inf)).flatten()
-        nearest = torch.full((batch * cells_per_frame,), math.inf, device=depth.device, dtype=depth.dtype)
+        nearest = torch.full((batch * width * height,), math.inf, device=depth.device, dtype=depth.dtype)
         nearest = nearest.scatter_reduce(0, flat, z, reduce="amin")
         return inside & (depth <= nearest[flat].view_as(depth) + tolerance)
 
@@ -202,19 +207,12 @@ def visible_points(
 def sample_flow(flow: torch.Tensor, pixels: torch.Tensor):
     """Bilinear flow at sub-pixel positions. flow [B, H, W, 2] in pixels, pixels [B, N, 2] (x, y) ->
     (flow at the points [B, N, 2], valid [B, N] bool: inside the image, and so is the flow's target)."""
-    batch, height, width, _ = flow.shape
-    grid = torch.stack(
-        [2.0 * pixels[..., 0] / max(width - 1, 1) - 1.0, 2.0 * pixels[..., 1] / max(height - 1, 1) - 1.0], dim=-1
-    )
+    _, height, width, _ = flow.shape
+    grid = _sampling_grid(pixels, width, height)[:, :, None]  # [B, N, 1, 2]
     sampled = F.grid_sample(
-        flow.permute(0, 3, 1, 2), grid[:, :, None].to(flow.dtype), mode="bilinear", padding_mode="border", align_corners=True
+        flow.permute(0, 3, 1, 2), grid.to(flow.dtype), mode="bilinear", padding_mode="border", align_corners=True
     )[..., 0].transpose(1, 2)  # [B, N, 2]
-    target = pixels + sampled
-    valid = (
-        (pixels[..., 0] >= 0) & (pixels[..., 0] <= width - 1) & (pixels[..., 1] >= 0) & (pixels[..., 1] <= height - 1)
-        & (target[..., 0] >= 0) & (target[..., 0] <= width - 1) & (target[..., 1] >= 0) & (target[..., 1] <= height - 1)
-    )
-    return sampled, valid
+    return sampled, _in_image(pixels, width, height) & _in_image(pixels + sampled, width, height)
 
 
 def point_flow_loss(
@@ -245,6 +243,7 @@ def point_flow_loss(
     with torch.no_grad():
         motion, valid = sample_flow(flow, pixels.detach())
     weight = (visible & valid).to(pixels.dtype)
+    # soft_huber of |r| written with |r|² (the norm's gradient is undefined at r = 0)
     residual2 = (pixels_next - pixels - motion.to(pixels.dtype)).square().sum(-1) * pixel_scale**2
     penalty = eps * (torch.sqrt(1.0 + residual2 / eps**2) - 1.0)
     per_pair = (penalty * weight).sum(1) / weight.sum(1).clamp(min=1.0)

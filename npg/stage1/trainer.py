@@ -528,12 +528,12 @@ class Stage1Trainer:
             )
         if pairs and (config.w_point_flow > 0 or not skip_unweighted):
             first = torch.tensor(pairs, device=self.device)
-            # the z-buffer's cell and depth tolerance follow the point spacing (one host sync each)
-            spacing = float(neighbor_dist2[:, : min(3, neighbor_dist2.shape[1])].mean(1).sqrt().median())
-            focal_over_depth = float(data.intrinsics[frames[first], 0].mean() / depth[first].detach().median().clamp(min=1e-6))
+            # the z-buffer's cell and depth tolerance follow the point spacing (tensors: no host sync)
+            spacing = neighbor_dist2[:, : min(3, neighbor_dist2.shape[1])].mean(1).sqrt().median()
+            focal_over_depth = data.intrinsics[frames[first], 0].mean() / depth[first].detach().median().clamp(min=1e-6)
             visible = losses.visible_points(
                 pixels[first], depth[first], data.masks[frames[first]],
-                max(config.point_flow_cell * spacing * focal_over_depth, 1.0), config.point_flow_depth_tolerance * spacing,
+                (config.point_flow_cell * spacing * focal_over_depth).clamp(min=1.0), config.point_flow_depth_tolerance * spacing,
             )
             terms["point_flow"] = losses.point_flow_loss(
                 pixels[first], pixels[first + 1], data.flows[frames[first]], visible, self.pixel_scale, config.point_flow_eps
