@@ -9,6 +9,14 @@ on the trained stage-1 cloud: the gap is what stage 1's geometry and tracking co
 shortfall from the targets is stage 2's.
 
     python benchmarks/oracle.py SCENE -o OUT [--preset fast] [--points 5000] [--set stage2.KEY=VALUE ...]
+        [--drift 0.01] [--offset 0.01] [--seed 0]
+
+``--drift`` and ``--offset`` degrade the true motion by the two kinds of error a stage-1 cloud has, in
+fractions of the surface's bounding-box diagonal (mean over points): a smooth displacement field that
+grows linearly with the distance in time from the middle training frame (stage 1's reference frame)
+and reaches ``drift`` at the farthest frame, and a fixed random offset of each point off the surface.
+The row reports the degraded cloud's ``track_error_rel`` and ``track_drift_rel`` as stage 1's metrics
+measure them, so stage-2 PSNR can be read against stage 1's errors.
 
 Writes ``OUT/stage2`` and ``OUT/render/<split>`` as a normal run does, and ``OUT/oracle.json``.
 """
@@ -33,7 +41,8 @@ class TrueMotion(torch.nn.Module):
         self.register_buffer("times", times[order].float())
         self.register_buffer("points", points[order].float())
 
-    def forward(self, times: torch.Tensor) -> torch.Tensor:
+    def forward(self, times: torch.Tensor, validate: bool = True) -> torch.Tensor:
+        """``validate`` is accepted for the stage-1 model's signature; the known times need no check."""
         from npg.stage2.trainer import interpolate_export
 
         return interpolate_export(self.times, self.points, times)
@@ -51,6 +60,41 @@ def true_motion(scene_dir, num_points: int, seed: int = 0) -> TrueMotion:
     reference = torch.as_tensor(truths[0]["vertices"][0], dtype=torch.float32)
     sample = surface_sampler(reference, faces, num_points, seed=seed)
     return TrueMotion(times, torch.stack([sample(v) for v in vertices]))
+
+
+def smooth_field(points: torch.Tensor, generator: torch.Generator, modes: int = 8) -> torch.Tensor:
+    """A random smooth vector field at ``points`` [N, 3] -> [N, 3]: a sum of ``modes`` plane waves with
+    1-2 periods across the points' bounding box, so that neighbouring points move alike, as the
+    low-rank model's errors do."""
+    extent = float((points.max(0).values - points.min(0).values).norm())
+    directions = torch.nn.functional.normalize(torch.randn(modes, 3, generator=generator), dim=-1)
+    frequencies = 2 * torch.pi * (1 + torch.rand(modes, 1, generator=generator)) / extent
+    phases = 2 * torch.pi * torch.rand(modes, generator=generator)
+    amplitudes = torch.randn(modes, 3, generator=generator)
+    waves = torch.sin(points @ (directions * frequencies).T + phases)  # [N, modes]
+    return waves @ amplitudes
+
+
+def degraded(motion: TrueMotion, drift: float = 0.0, offset: float = 0.0, train_times=None, seed: int = 0) -> TrueMotion:
+    """``motion`` with a drift and a fixed offset, each a fraction of the bounding-box diagonal of the
+    points at the reference time (the middle of ``train_times``, default all of ``motion.times``):
+    points(t) + drift·D·|t − t_ref| / max|t − t_ref| · field + offset·D · per-point random directions,
+    both fields scaled to a mean norm of 1."""
+    if drift < 0 or offset < 0:
+        raise ValueError(f"drift and offset must be >= 0, got {drift} and {offset}")
+    generator = torch.Generator().manual_seed(seed)
+    train_times = motion.times if train_times is None else torch.sort(torch.as_tensor(train_times, dtype=torch.float32)).values
+    reference_time = train_times[len(train_times) // 2]
+    reference = motion(reference_time[None])[0]
+    diagonal = float((reference.max(0).values - reference.min(0).values).norm())
+    field = smooth_field(reference, generator)
+    field = field / field.norm(dim=-1).mean()
+    scatter = torch.randn(reference.shape, generator=generator)
+    scatter = scatter / scatter.norm(dim=-1).mean()
+    distance = (motion.times - reference_time).abs()
+    ramp = distance / (train_times - reference_time).abs().max().clamp_min(1e-12)
+    points = motion.points + diagonal * (drift * ramp[:, None, None] * field + offset * scatter)
+    return TrueMotion(motion.times, points)
 
 
 @contextmanager
@@ -72,7 +116,7 @@ def stage1_replaced_by(motion: TrueMotion, device):
 
 
 def run(scene_dir, out_dir, preset: str | None = "fast", num_points: int = 5000, overrides=(), split: str = "test",
-        max_image_size: int = 400) -> dict:
+        max_image_size: int = 400, drift: float = 0.0, offset: float = 0.0, seed: int = 0) -> dict:
     from npg.render import render_split
     from npg.stage2.trainer import preset_config, resolve_device, train_stage2
 
@@ -82,7 +126,16 @@ def run(scene_dir, out_dir, preset: str | None = "fast", num_points: int = 5000,
     config = preset_config(preset, {"max_image_size": max_image_size, "stage1_lr_init": 0.0, "progress": False})
     config = apply_overrides(config, [item.removeprefix("stage2.") for item in overrides])
     device = resolve_device(config.device)
-    motion = true_motion(scene_dir, num_points)
+    motion = true_motion(scene_dir, num_points, seed=seed)
+    cloud = {}
+    if drift or offset:
+        from npg.data.generate import load_ground_truth
+        from npg.stage1.export import deformation_surface_metrics
+
+        train_times = torch.sort(torch.as_tensor(load_ground_truth(scene_dir, "train")["times"], dtype=torch.float32)).values
+        motion = degraded(motion, drift, offset, train_times, seed=seed)
+        measured = deformation_surface_metrics(motion, scene_dir, train_times, len(train_times) // 2, torch.device("cpu"))
+        cloud = {key: round(measured[key], 5) for key in ("surface_chamfer_rel", "track_error_rel", "track_drift_rel")}
     (out_dir / "stage1").mkdir(parents=True, exist_ok=True)
     with stage1_replaced_by(motion, device):
         started = time.perf_counter()
@@ -92,8 +145,9 @@ def run(scene_dir, out_dir, preset: str | None = "fast", num_points: int = 5000,
     stage2 = json.loads((stage2_dir / "metrics.json").read_text())
     row = {
         "scene": Path(scene_dir).name,
-        "motion": "true surface",
+        "motion": "true surface" if not (drift or offset) else f"true surface, drift {drift}, offset {offset}",
         "points": num_points,
+        **cloud,
         "split": split,
         "psnr": round(metrics["psnr"], 3),
         "ssim": round(metrics["ssim"], 4),
@@ -116,9 +170,13 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--max-image-size", type=int, default=400)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="stage2.KEY=VALUE")
+    parser.add_argument("--drift", type=float, default=0.0, help="drift at the farthest frame, fraction of the diagonal")
+    parser.add_argument("--offset", type=float, default=0.0, help="fixed offset off the surface, fraction of the diagonal")
+    parser.add_argument("--seed", type=int, default=0, help="surface samples and degradation fields")
     args = parser.parse_args(argv)
     preset = None if args.preset == "default" else args.preset
-    row = run(args.scene, args.out, preset, args.points, args.overrides, args.split, args.max_image_size)
+    row = run(args.scene, args.out, preset, args.points, args.overrides, args.split, args.max_image_size,
+              args.drift, args.offset, args.seed)
     print(json.dumps(row, indent=2))
     return 0
 

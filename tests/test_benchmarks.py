@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.oracle import stage1_replaced_by, true_motion  # noqa: E402
+from benchmarks.oracle import degraded, smooth_field, stage1_replaced_by, true_motion  # noqa: E402
 from benchmarks.train_speed import RateClock, run as train_speed  # noqa: E402
 
 
@@ -44,6 +44,40 @@ def test_true_motion_follows_the_mesh_at_every_known_time(tmp_path):
     # between known times: linear interpolation
     halfway = motion(torch.tensor([0.9]))[0]
     torch.testing.assert_close(halfway, 0.5 * (motion(torch.tensor([0.8]))[0] + motion(torch.tensor([1.0]))[0]))
+
+
+def test_degraded_motion_drifts_from_the_reference_time_and_keeps_a_fixed_offset(tmp_path):
+    write_ground_truth(tmp_path)
+    motion = true_motion(tmp_path, 400)
+    train_times = [0.0, 0.5, 1.0]  # reference time 0.5; the farthest train frames are 0.5 away
+    reference = motion(torch.tensor([0.5]))[0]
+    diagonal = float((reference.max(0).values - reference.min(0).values).norm())
+    unchanged = degraded(motion, 0.0, 0.0, train_times)
+    torch.testing.assert_close(unchanged.points, motion.points)
+
+    offset = degraded(motion, offset=0.02, train_times=train_times)
+    moved = offset.points - motion.points  # [T, N, 3]
+    torch.testing.assert_close(moved, moved[:1].expand_as(moved))  # the same at every time
+    assert abs(float(moved[0].norm(dim=-1).mean()) / diagonal - 0.02) < 1e-5
+
+    drift = degraded(motion, drift=0.04, train_times=train_times)
+    moved = drift.points - motion.points
+    norms = moved.norm(dim=-1).mean(-1) / diagonal  # per known time 0, .25, .5, .8, 1
+    torch.testing.assert_close(norms, torch.tensor([0.04, 0.02, 0.0, 0.024, 0.04]), atol=1e-5, rtol=0)
+    directions = moved[-1] / moved[-1].norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(moved[0] / moved[0].norm(dim=-1, keepdim=True), directions)  # one field, scaled
+    with pytest.raises(ValueError, match="drift and offset"):
+        degraded(motion, drift=-0.1)
+
+
+def test_smooth_field_moves_neighbours_alike():
+    generator = torch.Generator().manual_seed(0)
+    points = torch.rand(2000, 3, generator=generator)
+    field = smooth_field(points, torch.Generator().manual_seed(1))
+    nearby = smooth_field(points + 0.01, torch.Generator().manual_seed(1))  # same field, points moved 1.7% of the box
+    far = field[torch.randperm(len(points), generator=generator)]
+    change = (nearby - field).norm(dim=-1).mean()
+    assert change < 0.1 * (far - field).norm(dim=-1).mean()
 
 
 def test_stage1_replacement_is_undone(tmp_path):
