@@ -635,6 +635,32 @@ def test_windows_cover_the_frames_of_a_pass_evenly(edge_windows, tiny_scene, tmp
         assert counts[0] == counts[-1] == 1 and counts.max() == window
 
 
+@pytest.mark.parametrize("edge_windows", [True, False])
+def test_frames_in_play_grow_from_the_reference_frame(edge_windows, tiny_scene, tmp_path):
+    config = tiny_config(edge_windows=edge_windows, temporal_growth=0.5, iterations=40, reference_frame=2, window=2)
+    trainer = Stage1Trainer(tiny_scene, tmp_path, config)
+    frames = len(trainer.data)
+    assert frames >= 5
+    reaches = []
+    for iteration in range(config.iterations):
+        trainer.iteration = iteration
+        first, last = trainer.frames_in_play()
+        batch = trainer.next_window()
+        assert first <= int(batch[0]) and int(batch[-1]) <= last  # windows stay within the frames in play
+        assert torch.equal(batch, torch.arange(int(batch[0]), int(batch[-1]) + 1))
+        reaches.append((first, last))
+        if (first, last) != (0, frames - 1):
+            assert iteration < 20 and not trainer.pending_windows  # the shuffled passes start after the growth
+    farthest = frames - 1 - 2
+    assert reaches[0] == (1, 3)  # half a window (1 frame) either side of frame 2
+    # halfway through the growth: ceil(1 + (farthest - 1) / 2) frames either side
+    assert reaches[10] == (0, min(frames - 1, 2 + math.ceil(1 + (farthest - 1) / 2)))
+    assert all(a[0] >= b[0] and a[1] <= b[1] for a, b in zip(reaches, reaches[1:]))  # they only grow
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="temporal_growth"):
+            tiny_config(temporal_growth=bad).validate()
+
+
 def test_training_run_lowers_the_total_and_export_round_trips(tiny_scene, tmp_path):
     config = tiny_config(iterations=20, lr=1e-3)
     trainer = Stage1Trainer(tiny_scene, tmp_path, config)

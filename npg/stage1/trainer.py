@@ -84,6 +84,10 @@ class Stage1Config:
     # often than the middle ones; their fit lags (see next_window). H100, fast preset, 2 seeds: stage-2
     # test PSNR 23.82/24.28 -> 24.00/24.38 dB on generated_arc, 19.81/19.74 -> 19.94/19.97 on generated_static.
     edge_windows: bool = True
+    # Fraction of the iterations over which the frames in play grow, linearly, from the reference
+    # frame's window to the whole sequence, so that the motion is fitted outwards from the reference
+    # frame as a tracker would; 0: every frame from the first step (the original).
+    temporal_growth: float = 0.0
     # losses (weights of the original NPG)
     w_silhouette: float = 5.0
     # Weight of the chamfer's point->mask half against its mask->point half. 1-3% of the points drift
@@ -203,6 +207,8 @@ class Stage1Config:
         for name in ("w_photometric", "w_point_flow", "point_flow_depth_tolerance"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.temporal_growth <= 1:
+            raise ValueError(f"temporal_growth must be in [0, 1], got {self.temporal_growth}")
         if not 0 < self.splat_opacity < 1:
             raise ValueError(f"splat_opacity must be in (0, 1), got {self.splat_opacity}")
         if self.flow_max_view_change_deg is not None and not self.flow_max_view_change_deg >= 0:
@@ -572,12 +578,33 @@ class Stage1Trainer:
 
     # ------------------------------------------------------------------------------------ loop
 
+    def frames_in_play(self) -> tuple[int, int]:
+        """The first and last training frames windows may hold at this iteration: while the
+        ``temporal_growth`` phase lasts, those within a reach of the reference frame that grows
+        linearly from half a window to the whole sequence; then all."""
+        count, reference = len(self.data), self.config.reference_frame
+        growth_steps = self.config.temporal_growth * self.config.iterations
+        if self.iteration >= growth_steps:
+            return 0, count - 1
+        farthest = max(reference, count - 1 - reference)
+        start = self.window / 2
+        reach = math.ceil(start + (farthest - start) * self.iteration / growth_steps)
+        return max(0, reference - reach), min(count - 1, reference + reach)
+
     def next_window(self) -> torch.Tensor:
         """The next window of consecutive frames: window starts are drawn without replacement from a
         shuffled list, reshuffled when exhausted (every start visited once per pass). With
         ``edge_windows`` the starts run from 1 - window to the last frame and each window is cut to
-        the frames that exist, so every frame is in exactly ``window`` windows per pass."""
+        the frames that exist, so every frame is in exactly ``window`` windows per pass. While the
+        frames in play grow (``temporal_growth``), each start is drawn uniformly among those whose
+        window meets the frames in play, and the window is cut to them."""
         count = len(self.data)
+        first, last = self.frames_in_play()
+        if (first, last) != (0, count - 1):
+            lowest = first - self.window + 1 if self.config.edge_windows else first
+            highest = last if self.config.edge_windows else max(first, last - self.window + 1)
+            start = int(torch.randint(lowest, highest + 1, (1,), generator=self.sampler))
+            return torch.arange(max(start, first), min(start + self.window, last + 1))
         if not self.pending_windows:
             first = 1 - self.window if self.config.edge_windows else 0
             starts = torch.arange(first, count - self.window + 1 if first == 0 else count)
