@@ -146,3 +146,19 @@ def test_stage2_variants_share_one_stage1_cloud_and_report_failures(tmp_path):
     assert "killed at the deadline" in late[0]["error"]
     with pytest.raises(ValueError, match="unique"):
         run_variants(str(scene), [("a", []), ("a", [])], tmp_path / "work")
+
+
+def test_stage1_capacity_fit_approaches_the_true_motion(tmp_path):
+    from benchmarks.stage1_capacity import run as capacity
+
+    write_ground_truth(tmp_path / "square")
+    small = ["width=32", "bottleneck=8", "num_blocks=1", "num_basis=4", "window=2"]
+    rows = capacity(tmp_path / "square", [("short", small + ["lr=3e-3"])], points=40, iterations=5, device="cpu",
+                    out=tmp_path / "a.json")
+    longer = capacity(tmp_path / "square", [("long", small + ["lr=1e-2"])], points=40, iterations=400, device="cpu",
+                      out=tmp_path / "b.json")
+    assert rows[0]["variant"] == "short" and rows[0]["points"] == 40 and len(longer[0]["curve"]) == 5
+    assert longer[0]["error_rel"] < 0.01 and rows[0]["error_rel"] > 0.1  # the square's motion is easy to fit
+    assert json.loads((tmp_path / "b.json").read_text())[0]["error_rel"] == longer[0]["error_rel"]
+    with pytest.raises(ValueError, match="w_flow"):
+        capacity(tmp_path / "square", [("bad", ["w_flow=1"])], points=40, iterations=2, device="cpu", out=tmp_path / "c.json")
