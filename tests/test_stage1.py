@@ -886,6 +886,8 @@ def test_track_error_sees_points_sliding_along_the_surface(tmp_path):
     lifted = surface_metrics(trainer_with(lambda f: middle(inner(vertices[f])) + torch.tensor([0.0, 0.0, 0.1])))
     assert abs(lifted["track_error"] - 0.1) < 0.02 and lifted["track_drift"] < 1e-5, lifted
     assert abs(surface_metrics(static)["track_drift"] - mean_shift) < 1e-4
+    # static points drift by 0, 0.15 and 0.3 in the three frames: the 90th percentile is the last
+    assert abs(surface_metrics(static)["track_drift_p90"] - 2 * shift) < 1e-4 and lifted["track_drift_p90"] < 1e-5
 
 
 def test_silhouette_point_weight_reaches_the_loss(tiny_scene, tmp_path):
