@@ -18,6 +18,10 @@ and reaches ``drift`` at the farthest frame, and a fixed random offset of each p
 The row reports the degraded cloud's ``track_error_rel`` and ``track_drift_rel`` as stage 1's metrics
 measure them, so stage-2 PSNR can be read against stage 1's errors.
 
+``--cloud RUN/stage1 --cloud-part motion|placement`` instead keeps one part of a real stage-1 cloud's
+error and replaces the other by the truth (``stage1_cloud_part``): where its points sit on or off
+the surface at the reference frame (placement), or how they move from there (motion).
+
 Writes ``OUT/stage2`` and ``OUT/render/<split>`` as a normal run does, and ``OUT/oracle.json``.
 """
 from __future__ import annotations
@@ -48,18 +52,74 @@ class TrueMotion(torch.nn.Module):
         return interpolate_export(self.times, self.points, times)
 
 
-def true_motion(scene_dir, num_points: int, seed: int = 0) -> TrueMotion:
-    """Points on the true surface of every frame of every split (train, val, test) of ``scene_dir``."""
+def known_frames(scene_dir) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(times [T], vertices [T, V, 3], faces [F, 3]) of every frame of every split (train, val, test)
+    of a generated scene; the first train frame first, as the ground truth stores it."""
     from npg.data.generate import SPLITS, load_ground_truth
-    from npg.stage1.export import surface_sampler
 
     truths = [load_ground_truth(scene_dir, split) for split in SPLITS]
     faces = torch.as_tensor(truths[0]["faces"], dtype=torch.int64)
     times = torch.cat([torch.as_tensor(t["times"], dtype=torch.float32) for t in truths])
     vertices = torch.cat([torch.as_tensor(t["vertices"], dtype=torch.float32) for t in truths])
-    reference = torch.as_tensor(truths[0]["vertices"][0], dtype=torch.float32)
-    sample = surface_sampler(reference, faces, num_points, seed=seed)
+    return times, vertices, faces
+
+
+def true_motion(scene_dir, num_points: int, seed: int = 0) -> TrueMotion:
+    """Points on the true surface of every frame of every split (train, val, test) of ``scene_dir``."""
+    from npg.stage1.export import surface_sampler
+
+    times, vertices, faces = known_frames(scene_dir)
+    sample = surface_sampler(vertices[0], faces, num_points, seed=seed)
     return TrueMotion(times, torch.stack([sample(v) for v in vertices]))
+
+
+def site_frames(vertices: torch.Tensor, triangles: torch.Tensor, barycentric: torch.Tensor):
+    """Surface sites on a mesh posed by vertices [V, 3]: (positions [S, 3], orthonormal local frames
+    [S, 3, 3] whose columns are the triangle's first edge, the in-plane normal to it and the face normal)."""
+    corners = vertices[triangles]  # [S, 3, 3]
+    positions = (corners * barycentric[..., None]).sum(1)
+    edge = torch.nn.functional.normalize(corners[:, 1] - corners[:, 0], dim=-1)
+    normal = torch.nn.functional.normalize(torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]), dim=-1)
+    return positions, torch.stack([edge, torch.linalg.cross(normal, edge), normal], -1)
+
+
+def stage1_cloud_part(scene_dir, model, reference_time: float, part: str, sites: int = 20000, seed: int = 0) -> TrueMotion:
+    """One of the two parts of a stage-1 cloud's error, the other replaced by the truth. ``model``:
+    times [B] -> points [B, N, 3] (the stage-1 network); ``reference_time``: its reference frame's.
+    Each point stands for the true surface site nearest to it at the reference time, and its offset
+    from that site there, read in the site's local frame, is its *placement*; its *motion error* at
+    time t is how far it is from that site carried by the true motion with the offset held in the
+    local frame. ``part`` "placement": the points at the reference time, carried by the true motion
+    (the cost of where stage 1 puts its points); "motion": as many true surface sites, each moved by
+    the motion error of the point nearest to it (the cost of how they move)."""
+    from npg.neighbors import knn
+    from npg.stage1.export import surface_sites
+
+    if part not in ("placement", "motion"):
+        raise ValueError(f"part must be 'placement' or 'motion', got {part!r}")
+    times, vertices, faces = known_frames(scene_dir)
+    reference = int((times - reference_time).abs().argmin())
+    triangles, barycentric = surface_sites(vertices[0], faces, sites, seed=seed)
+    with torch.no_grad():
+        positions, frames = site_frames(vertices[reference], triangles, barycentric)
+        points = model(times[reference : reference + 1])[0]
+        _, attached = knn(positions, 1, queries=points.contiguous())
+        attached = attached[:, 0].long()
+        placement = torch.einsum("sji,sj->si", frames[attached], points - positions[attached])
+        if part == "motion":
+            chosen = torch.randperm(sites, generator=torch.Generator().manual_seed(seed))[: len(points)]
+            _, nearest = knn(points.contiguous(), 1, queries=positions[chosen].contiguous())
+            nearest = nearest[:, 0].long()
+        moved = []
+        for index in range(len(times)):
+            positions, frames = site_frames(vertices[index], triangles, barycentric)
+            carried = positions[attached] + torch.einsum("sij,sj->si", frames[attached], placement)
+            if part == "placement":
+                moved.append(carried)
+            else:
+                error = model(times[index : index + 1])[0] - carried
+                moved.append(positions[chosen] + error[nearest])
+    return TrueMotion(times, torch.stack(moved))
 
 
 def smooth_field(points: torch.Tensor, generator: torch.Generator, modes: int = 8) -> torch.Tensor:
@@ -116,7 +176,8 @@ def stage1_replaced_by(motion: TrueMotion, device):
 
 
 def run(scene_dir, out_dir, preset: str | None = "fast", num_points: int = 5000, overrides=(), split: str = "test",
-        max_image_size: int = 400, drift: float = 0.0, offset: float = 0.0, seed: int = 0) -> dict:
+        max_image_size: int = 400, drift: float = 0.0, offset: float = 0.0, seed: int = 0,
+        cloud=None, cloud_part: str = "motion") -> dict:
     from npg.render import render_split
     from npg.stage2.trainer import preset_config, resolve_device, train_stage2
 
@@ -126,16 +187,33 @@ def run(scene_dir, out_dir, preset: str | None = "fast", num_points: int = 5000,
     config = preset_config(preset, {"max_image_size": max_image_size, "stage1_lr_init": 0.0, "progress": False})
     config = apply_overrides(config, [item.removeprefix("stage2.") for item in overrides])
     device = resolve_device(config.device)
-    motion = true_motion(scene_dir, num_points, seed=seed)
-    cloud = {}
-    if drift or offset:
+    if cloud is not None and (drift or offset):
+        raise ValueError("a stage-1 cloud's part and a synthetic drift or offset are alternatives: give one")
+    described = "true surface"
+    measured = {}
+    if cloud is not None:
+        from npg.data.generate import load_ground_truth
+        from npg.stage2.trainer import load_stage1_model
+
+        model, _, _ = load_stage1_model(Path(cloud), torch.device("cpu"))
+        reference_frame = json.loads((Path(cloud) / "config.json").read_text())["reference_frame"]
+        train_times = torch.sort(torch.as_tensor(load_ground_truth(scene_dir, "train")["times"], dtype=torch.float32)).values
+        motion = stage1_cloud_part(scene_dir, model, float(train_times[reference_frame]), cloud_part, seed=seed)
+        num_points = motion.points.shape[1]
+        described = f"true surface with the {cloud_part} of the stage-1 cloud {cloud}"
+    else:
+        motion = true_motion(scene_dir, num_points, seed=seed)
+    if drift or offset or cloud is not None:
         from npg.data.generate import load_ground_truth
         from npg.stage1.export import deformation_surface_metrics
 
         train_times = torch.sort(torch.as_tensor(load_ground_truth(scene_dir, "train")["times"], dtype=torch.float32)).values
-        motion = degraded(motion, drift, offset, train_times, seed=seed)
-        measured = deformation_surface_metrics(motion, scene_dir, train_times, len(train_times) // 2, torch.device("cpu"))
-        cloud = {key: round(measured[key], 5) for key in ("surface_chamfer_rel", "track_error_rel", "track_drift_rel")}
+        if cloud is None:
+            motion = degraded(motion, drift, offset, train_times, seed=seed)
+            described = f"true surface, drift {drift}, offset {offset}"
+        reference = reference_frame if cloud is not None else len(train_times) // 2
+        metrics = deformation_surface_metrics(motion, scene_dir, train_times, reference, torch.device("cpu"))
+        measured = {key: round(metrics[key], 5) for key in ("surface_chamfer_rel", "track_error_rel", "track_drift_rel", "track_drift_p90_rel")}
     (out_dir / "stage1").mkdir(parents=True, exist_ok=True)
     with stage1_replaced_by(motion, device):
         started = time.perf_counter()
@@ -145,9 +223,9 @@ def run(scene_dir, out_dir, preset: str | None = "fast", num_points: int = 5000,
     stage2 = json.loads((stage2_dir / "metrics.json").read_text())
     row = {
         "scene": Path(scene_dir).name,
-        "motion": "true surface" if not (drift or offset) else f"true surface, drift {drift}, offset {offset}",
+        "motion": described,
         "points": num_points,
-        **cloud,
+        **measured,
         "split": split,
         "psnr": round(metrics["psnr"], 3),
         "ssim": round(metrics["ssim"], 4),
@@ -173,10 +251,12 @@ def main(argv=None) -> int:
     parser.add_argument("--drift", type=float, default=0.0, help="drift at the farthest frame, fraction of the diagonal")
     parser.add_argument("--offset", type=float, default=0.0, help="fixed offset off the surface, fraction of the diagonal")
     parser.add_argument("--seed", type=int, default=0, help="surface samples and degradation fields")
+    parser.add_argument("--cloud", help="a stage-1 output folder (OUT/stage1) of this scene: use one part of its error")
+    parser.add_argument("--cloud-part", default="motion", choices=["motion", "placement"])
     args = parser.parse_args(argv)
     preset = None if args.preset == "default" else args.preset
     row = run(args.scene, args.out, preset, args.points, args.overrides, args.split, args.max_image_size,
-              args.drift, args.offset, args.seed)
+              args.drift, args.offset, args.seed, args.cloud, args.cloud_part)
     print(json.dumps(row, indent=2))
     return 0
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.oracle import degraded, smooth_field, stage1_replaced_by, true_motion  # noqa: E402
+from benchmarks.oracle import degraded, smooth_field, stage1_cloud_part, stage1_replaced_by, true_motion  # noqa: E402
 from benchmarks.train_speed import RateClock, run as train_speed  # noqa: E402
 
 
@@ -78,6 +78,28 @@ def test_smooth_field_moves_neighbours_alike():
     far = field[torch.randperm(len(points), generator=generator)]
     change = (nearby - field).norm(dim=-1).mean()
     assert change < 0.1 * (far - field).norm(dim=-1).mean()
+
+
+def test_stage1_cloud_parts_split_placement_from_motion(tmp_path):
+    write_ground_truth(tmp_path)
+    carried = true_motion(tmp_path, 30, seed=5)  # a "stage-1 cloud" that moves exactly with the surface
+    lifted = lambda t: carried(t) + torch.tensor([0.0, 0.0, 0.05])  # noqa: E731  5% off the (z = 0) square
+    times = torch.tensor([0.0, 0.25, 0.5, 0.8, 1.0])
+    placement = stage1_cloud_part(tmp_path, lifted, 0.5, "placement", sites=300)
+    torch.testing.assert_close(placement(times), lifted(times), atol=1e-5, rtol=0)  # the turn keeps the offset
+    motion = stage1_cloud_part(tmp_path, lifted, 0.5, "motion", sites=300)
+    assert motion.points.shape == (5, 30, 3) and float(motion.points[..., 2].abs().max()) < 1e-5  # on the surface
+
+    static = lambda t: carried(torch.full_like(t, 0.5))  # noqa: E731  points that never move
+    moved = stage1_cloud_part(tmp_path, static, 0.5, "motion", sites=300)
+    true = true_motion(tmp_path, 300)  # the same sites (seed 0) as the parts use
+    # the static cloud's motion error undoes the true motion: the sites, moved by it, stay (nearly) put
+    stays = (moved.points - moved.points[2:3]).norm(dim=-1).mean(1)  # displacement from the reference time
+    turns = (true.points - true.points[2:3]).norm(dim=-1).mean(1)
+    assert float(turns[0]) > 0.3 and float(stays[2]) == 0.0
+    assert float(stays[0]) < 0.2 * float(turns[0]) and float(stays[-1]) < 0.2 * float(turns[-1])
+    with pytest.raises(ValueError, match="placement"):
+        stage1_cloud_part(tmp_path, lifted, 0.5, "both")
 
 
 def test_stage1_replacement_is_undone(tmp_path):

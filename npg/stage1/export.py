@@ -355,9 +355,9 @@ def deformation_surface_metrics(model, scene_dir, times, reference_frame: int, d
     }
 
 
-def surface_sampler(vertices0: torch.Tensor, faces: torch.Tensor, count: int, seed: int = 0):
-    """Area-weighted samples of a deforming triangle mesh that move with it: triangles and barycentric
-    coordinates drawn once on vertices0 [V, 3]; returns ``sample(vertices [V, 3]) -> [count, 3]``."""
+def surface_sites(vertices0: torch.Tensor, faces: torch.Tensor, count: int, seed: int = 0):
+    """Area-weighted sample sites on a triangle mesh, drawn on vertices0 [V, 3]: (the vertex indices of
+    each site's triangle [count, 3], its barycentric coordinates [count, 3])."""
     generator = torch.Generator().manual_seed(seed)
     corners = vertices0[faces]  # [T, 3, 3]
     areas = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]).norm(dim=-1)
@@ -365,8 +365,14 @@ def surface_sampler(vertices0: torch.Tensor, faces: torch.Tensor, count: int, se
     u, v = torch.rand(2, count, generator=generator)
     flip = u + v > 1
     u, v = torch.where(flip, 1 - u, u), torch.where(flip, 1 - v, v)
-    barycentric = torch.stack([1 - u - v, u, v], -1)[..., None]  # [S, 3, 1]
-    return lambda vertices: (vertices[triangles] * barycentric).sum(1)
+    return triangles, torch.stack([1 - u - v, u, v], -1)
+
+
+def surface_sampler(vertices0: torch.Tensor, faces: torch.Tensor, count: int, seed: int = 0):
+    """Area-weighted samples of a deforming triangle mesh that move with it: ``surface_sites`` drawn
+    once on vertices0 [V, 3]; returns ``sample(vertices [V, 3]) -> [count, 3]``."""
+    triangles, barycentric = surface_sites(vertices0, faces, count, seed)
+    return lambda vertices: (vertices[triangles] * barycentric[..., None]).sum(1)
 
 
 @torch.no_grad()
