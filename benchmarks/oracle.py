@@ -189,30 +189,25 @@ def run(scene_dir, out_dir, preset: str | None = "fast", num_points: int = 5000,
     device = resolve_device(config.device)
     if cloud is not None and (drift or offset):
         raise ValueError("a stage-1 cloud's part and a synthetic drift or offset are alternatives: give one")
-    described = "true surface"
-    measured = {}
+    from npg.data.generate import load_ground_truth
+    from npg.stage1.export import deformation_surface_metrics
+
+    train_times = torch.sort(torch.as_tensor(load_ground_truth(scene_dir, "train")["times"], dtype=torch.float32)).values
+    reference_frame = len(train_times) // 2
     if cloud is not None:
-        from npg.data.generate import load_ground_truth
         from npg.stage2.trainer import load_stage1_model
 
         model, _, _ = load_stage1_model(Path(cloud), torch.device("cpu"))
         reference_frame = json.loads((Path(cloud) / "config.json").read_text())["reference_frame"]
-        train_times = torch.sort(torch.as_tensor(load_ground_truth(scene_dir, "train")["times"], dtype=torch.float32)).values
         motion = stage1_cloud_part(scene_dir, model, float(train_times[reference_frame]), cloud_part, seed=seed)
         num_points = motion.points.shape[1]
         described = f"true surface with the {cloud_part} of the stage-1 cloud {cloud}"
     else:
-        motion = true_motion(scene_dir, num_points, seed=seed)
+        motion = degraded(true_motion(scene_dir, num_points, seed=seed), drift, offset, train_times, seed=seed)
+        described = f"true surface, drift {drift}, offset {offset}" if drift or offset else "true surface"
+    measured = {}
     if drift or offset or cloud is not None:
-        from npg.data.generate import load_ground_truth
-        from npg.stage1.export import deformation_surface_metrics
-
-        train_times = torch.sort(torch.as_tensor(load_ground_truth(scene_dir, "train")["times"], dtype=torch.float32)).values
-        if cloud is None:
-            motion = degraded(motion, drift, offset, train_times, seed=seed)
-            described = f"true surface, drift {drift}, offset {offset}"
-        reference = reference_frame if cloud is not None else len(train_times) // 2
-        metrics = deformation_surface_metrics(motion, scene_dir, train_times, reference, torch.device("cpu"))
+        metrics = deformation_surface_metrics(motion, scene_dir, train_times, reference_frame, torch.device("cpu"))
         measured = {key: round(metrics[key], 5) for key in ("surface_chamfer_rel", "track_error_rel", "track_drift_rel", "track_drift_p90_rel")}
     (out_dir / "stage1").mkdir(parents=True, exist_ok=True)
     with stage1_replaced_by(motion, device):
