@@ -888,6 +888,9 @@ def test_track_error_sees_points_sliding_along_the_surface(tmp_path):
     assert abs(surface_metrics(static)["track_drift"] - mean_shift) < 1e-4
     # static points drift by 0, 0.15 and 0.3 in the three frames: the 90th percentile is the last
     assert abs(surface_metrics(static)["track_drift_p90"] - 2 * shift) < 1e-4 and lifted["track_drift_p90"] < 1e-5
+    # the yardstick: how far the true sites travel, whatever the cloud does
+    for metrics in (surface_metrics(static), surface_metrics(carried), lifted):
+        assert abs(metrics["track_drift_static"] - mean_shift) < 1e-4, metrics
 
 
 def test_silhouette_point_weight_reaches_the_loss(tiny_scene, tmp_path):
@@ -905,3 +908,16 @@ def test_silhouette_point_weight_reaches_the_loss(tiny_scene, tmp_path):
     assert terms[3.0] == pytest.approx(terms[1.0] + 2.0 * point_to_mask, rel=1e-4)
     with pytest.raises(ValueError, match="silhouette_point_weight"):
         tiny_config(silhouette_point_weight=0.0).validate()
+
+
+def test_cloud_motion_measures_how_far_the_points_move():
+    """A unit square translated by 0.3·t along x: the mean displacement from the reference frame over
+    the diagonal √2; 0 for a cloud that stays put."""
+    from npg.stage1.export import cloud_motion
+
+    square = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    times = torch.linspace(0, 1, 5)
+    moving = lambda t: square[None] + 0.3 * t[:, None, None] * torch.tensor([1.0, 0.0, 0.0])  # noqa: E731
+    expected = 0.3 * (times - times[2]).abs().mean() / 2**0.5
+    assert abs(cloud_motion(moving, times, 2, chunk=2) - expected) < 1e-6
+    assert cloud_motion(lambda t: square[None].expand(len(t), -1, -1), times, 0) == 0.0

@@ -196,6 +196,10 @@ def evaluate(trainer) -> dict:
       Gaussians, whose colours are fixed, then smear. ``track_drift`` (and ``_rel``): the same mean
       of |(point − sample) − (its offset in the reference frame)|, the sliding without the fixed
       offset from the surface that a point has in every frame.
+      ``track_drift_static``: the drift of a cloud that does not move, the yardstick for the drift.
+    - ``cloud_motion_rel`` (every scene): how far the points move from where they are in the reference
+      frame, mean over points and training frames, over the reference cloud's bounding-box diagonal;
+      near 0 for a cloud that fits one static shape to every frame.
     - ``final_losses``: every unweighted term over all training frames, and their weighted total.
     """
     from .trainer import load_split
@@ -218,6 +222,7 @@ def evaluate(trainer) -> dict:
         reference = model(data.times[config.reference_frame : config.reference_frame + 1])[0]
         dist2, _ = knn(reference.contiguous(), 3)
         scales = spacing_scales(dist2, config.iou_splat_scale)
+        metrics["cloud_motion_rel"] = cloud_motion(model, data.times, config.reference_frame)
 
     metrics.update({f"{k}_train": v for k, v in silhouette_metrics(model, data, scales, config).items()})
     held_out = None
@@ -238,6 +243,16 @@ def evaluate(trainer) -> dict:
     metrics.update(surface_metrics(trainer))
     metrics["final_losses"] = trainer.evaluate_losses()
     return metrics
+
+
+@torch.no_grad()
+def cloud_motion(model, times: torch.Tensor, reference_frame: int, chunk: int = 8) -> float:
+    """Mean over points and ``times`` [F] of |x(t) − x(t_ref)|, over the bounding-box diagonal of the
+    reference cloud x(t_ref) (``model(times [B]) -> [B, N, 3]``)."""
+    reference = model(times[reference_frame : reference_frame + 1])[0]
+    diagonal = float((reference.max(0).values - reference.min(0).values).norm())
+    total = sum(float((model(times[i : i + chunk]) - reference).norm(dim=-1).mean(1).sum()) for i in range(0, len(times), chunk))
+    return total / len(times) / max(diagonal, 1e-12)
 
 
 @torch.no_grad()
@@ -307,7 +322,10 @@ def deformation_surface_metrics(model, scene_dir, times, reference_frame: int, d
     training-frame ``times`` [F] of ``scene_dir``, each point tracked from the true surface point
     nearest to it in frame ``reference_frame``; {} for scenes without ground truth. ``track_drift_p90``:
     the 90th percentile of the drift over points and frames, since a few lost points can carry most
-    of it (a CPU arc run: median 0.27% of the diagonal, the worst tenth of the points 55% of the total)."""
+    of it (a CPU arc run: median 0.27% of the diagonal, the worst tenth of the points 55% of the total).
+    ``track_drift_static``: the drift of a cloud that does not move (how far the true sites travel
+    from the reference frame), the yardstick for ``track_drift``: a model that fits no motion at all
+    scores track_drift = track_drift_static."""
     from npg.neighbors import knn
 
     try:
@@ -322,13 +340,14 @@ def deformation_surface_metrics(model, scene_dir, times, reference_frame: int, d
         return {"notes": [f"ground truth has {len(vertices)} train frames, the scene {len(times)}: surface chamfer skipped"]}
     sample = surface_sampler(vertices[0], faces, samples_per_frame)
 
-    distances, diagonals, track, drift, drift_values = [], [], [], [], []
+    distances, diagonals, track, drift, drift_values, static = [], [], [], [], [], []
     with torch.no_grad():
         surface = sample(vertices[reference_frame]).to(device).contiguous()
         points = model(times[reference_frame : reference_frame + 1])[0].contiguous()
         _, attached = knn(surface, 1, queries=points)  # the true surface point each point stands for
         attached = attached[:, 0].long()
         reference_offset = points - surface[attached]
+        reference_sites = surface[attached]
         for index in range(len(times)):
             surface = sample(vertices[index]).to(device).contiguous()
             points = model(times[index : index + 1])[0].contiguous()
@@ -341,6 +360,7 @@ def deformation_surface_metrics(model, scene_dir, times, reference_frame: int, d
             drifts = (offset - reference_offset).norm(dim=-1)
             drift.append(float(drifts.mean()))
             drift_values.append(drifts.cpu())
+            static.append(float((surface[attached] - reference_sites).norm(dim=-1).mean()))
     chamfer, diagonal = float(np.mean(distances)), float(np.mean(diagonals))
     drift_p90 = float(np.quantile(torch.cat(drift_values).numpy(), 0.9))
     return {
@@ -352,6 +372,8 @@ def deformation_surface_metrics(model, scene_dir, times, reference_frame: int, d
         "track_drift_rel": float(np.mean(drift)) / diagonal,
         "track_drift_p90": drift_p90,
         "track_drift_p90_rel": drift_p90 / diagonal,
+        "track_drift_static": float(np.mean(static)),
+        "track_drift_static_rel": float(np.mean(static)) / diagonal,
     }
 
 
