@@ -891,6 +891,11 @@ def test_track_error_sees_points_sliding_along_the_surface(tmp_path):
     # the yardstick: how far the true sites travel, whatever the cloud does
     for metrics in (surface_metrics(static), surface_metrics(carried), lifted):
         assert abs(metrics["track_drift_static"] - mean_shift) < 1e-4, metrics
+    # the share of the true motion the points make: all of it carried, none of it static
+    assert abs(surface_metrics(carried)["track_motion_captured"] - 1.0) < 1e-4
+    assert abs(lifted["track_motion_captured"] - 1.0) < 1e-4 and abs(surface_metrics(static)["track_motion_captured"]) < 1e-6
+    half = surface_metrics(trainer_with(lambda f: middle(inner(vertices[0])) + 0.5 * (vertices[f][0] - vertices[0][0])))
+    assert abs(half["track_motion_captured"] - 0.5) < 1e-4, half
 
 
 def test_silhouette_point_weight_reaches_the_loss(tiny_scene, tmp_path):
