@@ -110,7 +110,9 @@ class Stage1Config:
     # The term grows as the neighbour spacing^4, so as N^-2 on a surface (true motion, x 5e7: 12 at
     # 5000 points, 62 at 2000, 190 at 1000). Weaker, the cloud moves, but not with the truth: w 5e6 /
     # 5e5: motion 0.33 / 0.99%, captured -0.4 / 6.5%, drift 1.27 / 1.76%; with w_point_flow 20
-    # (DIS or the true flow) 6.7-6.9% captured at 5e5. Stiffer or wider (drift 1.01 / 0.78 / 0.65 /
+    # (DIS or the true flow) 6.7-6.9% captured at 5e5. At 5000 points (1000 iterations) it is as
+    # still: motion 0.06% at 5e7, 0.23% at 5e6, captured -0.1 / -0.2%
+    # (benchmarks/results/stage1_motion.json). Stiffer or wider (drift 1.01 / 0.78 / 0.65 /
     # 0.87 / 0.74% at w 5e7 / 5e8 / 5e9, rigidity_k 30, both 5e8 and 30) only freezes it further;
     # stage-2 test PSNR after each (cpu preset, 100 px): 23.16 / 23.21 / 23.05 / 23.02 / 23.30 dB.
     w_rigidity: Optional[float] = None  # 5e7; 5e6 for jumpingjacks
