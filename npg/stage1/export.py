@@ -365,8 +365,8 @@ def deformation_surface_metrics(model, scene_dir, times, reference_frame: int, d
             drifts = (offset - reference_offset).norm(dim=-1)
             drift.append(float(drifts.mean()))
             drift_values.append(drifts.cpu())
-            static.append(float((surface[attached] - reference_sites).norm(dim=-1).mean()))
             true_motion = surface[attached] - reference_sites
+            static.append(float(true_motion.norm(dim=-1).mean()))
             motion_dot += float(((points - reference_points) * true_motion).sum())
             motion_norm += float(true_motion.square().sum())
     chamfer, diagonal = float(np.mean(distances)), float(np.mean(diagonals))

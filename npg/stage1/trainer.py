@@ -116,8 +116,9 @@ class Stage1Config:
     # 0.87 / 0.74% at w 5e7 / 5e8 / 5e9, rigidity_k 30, both 5e8 and 30) only freezes it further;
     # stage-2 test PSNR after each (cpu preset, 100 px): 23.16 / 23.21 / 23.05 / 23.02 / 23.30 dB.
     w_rigidity: Optional[float] = None  # 5e7; 5e6 for jumpingjacks
-    # Neither the flow's accuracy nor its weight limits the motion: CPU, 200 px generated_arc, 1000
-    # points, 1500 iterations, lr 5e-4: track error 1.73% (DIS, weight 10), 1.74% (the renderer's
+    # At the default w_rigidity, which holds the cloud still (see there), neither the flow's accuracy
+    # nor its weight changes the motion: CPU, 200 px generated_arc, 1000 points, 1500 iterations, lr
+    # 5e-4: track error 1.73% (DIS, weight 10), 1.74% (the renderer's
     # true flow), 1.79% (weight 1000, DIS or true flow); held-out IoU 0.795-0.803. H100, fast preset
     # (batch 9): the true flow gives drift 1.11% and test PSNR 24.01 dB against 1.11% and 24.13 with
     # DIS, whose flow lags the true one by about 5% of the motion on this scene (CPU bed; DIS scaled
