@@ -140,7 +140,9 @@ class Stage1Config:
     # H200, generated_arc, fast preset, then 6000 stage-2 steps (stage2_variants.json batch 8): at 10,
     # seeds 0/1, held-out IoU 0.807/0.811, track error 1.79/1.78%, test PSNR 23.96/23.96 dB; at 100,
     # seed 0, 0.819, 1.77%, 24.21 dB; off, seed 0, 0.814, 1.72%, 24.13 dB; stage 1 takes 3.5
-    # against 2.5 minutes. Off.
+    # against 2.5 minutes. All at the default w_rigidity, which holds the cloud still; at w_rigidity
+    # 5e5 (CPU arc bed, 1000 points, 1000 iterations) weight 100 makes 3.0% of the true motion, drift
+    # 1.43% against a static cloud's 1.02% (benchmarks/results/stage1_motion.json). Off.
     w_photometric: float = 0.0
     photometric_color_lr: float = 1e-2
     # Each visible point's projected motion from frame f to f+1 against the optical flow sampled at it,
