@@ -35,6 +35,11 @@ from pathlib import Path
 import torch
 
 
+# stage 1's metrics of the motion an oracle row uses (npg.stage1.export.deformation_surface_metrics)
+CLOUD_METRICS = ("surface_chamfer_rel", "track_error_rel", "track_drift_rel", "track_drift_p90_rel",
+                 "track_drift_static_rel", "track_motion_captured")
+
+
 class TrueMotion(torch.nn.Module):
     """Surface samples of the true mesh at any time: forward(times [B]) -> [B, N, 3]. No parameters,
     so stage 2 must run with ``stage1_lr_init=0`` (nothing to fine-tune)."""
@@ -208,7 +213,7 @@ def run(scene_dir, out_dir, preset: str | None = "fast", num_points: int = 5000,
     measured = {}
     if drift or offset or cloud is not None:
         metrics = deformation_surface_metrics(motion, scene_dir, train_times, reference_frame, torch.device("cpu"))
-        measured = {key: round(metrics[key], 5) for key in ("surface_chamfer_rel", "track_error_rel", "track_drift_rel", "track_drift_p90_rel", "track_drift_static_rel", "track_motion_captured")}
+        measured = {key: round(metrics[key], 5) for key in CLOUD_METRICS}
     (out_dir / "stage1").mkdir(parents=True, exist_ok=True)
     with stage1_replaced_by(motion, device):
         started = time.perf_counter()

@@ -346,12 +346,11 @@ def deformation_surface_metrics(model, scene_dir, times, reference_frame: int, d
     distances, diagonals, track, drift, drift_values, static = [], [], [], [], [], []
     with torch.no_grad():
         surface = sample(vertices[reference_frame]).to(device).contiguous()
-        points = model(times[reference_frame : reference_frame + 1])[0].contiguous()
-        _, attached = knn(surface, 1, queries=points)  # the true surface point each point stands for
+        reference_points = model(times[reference_frame : reference_frame + 1])[0].contiguous()
+        _, attached = knn(surface, 1, queries=reference_points)  # the true surface point each point stands for
         attached = attached[:, 0].long()
-        reference_offset = points - surface[attached]
         reference_sites = surface[attached]
-        reference_points = points
+        reference_offset = reference_points - reference_sites
         motion_dot, motion_norm = 0.0, 0.0
         for index in range(len(times)):
             surface = sample(vertices[index]).to(device).contiguous()
